@@ -1,0 +1,131 @@
+"""`attention()`: one entry point, Triton on CUDA, the exact chunked torch path on CPU."""
+
+from __future__ import annotations
+
+import torch
+
+from .edits import KeyBias, KeyScale, validate_edits
+from .errors import BackwardNotSupportedError, KernelInputError
+from .reference import attention_reference
+from .stats import StatsRequest
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _validate(q, k, v, key_valid, token_ids, keyset, request, window, pattern_heads):
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise KernelInputError("q, k, v must be 4-D: q [B, H, Sq, D], k and v [B, Hkv, Sk, D].")
+    B, H, Sq, D = q.shape
+    Bk, Hkv, Sk, Dk = k.shape
+    if Bk != B or v.shape[:3] != k.shape[:3] or Dk != D:
+        raise KernelInputError(f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}.")
+    if Hkv == 0 or H % Hkv:
+        raise KernelInputError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv}) for GQA.")
+    if Sq > Sk:
+        raise KernelInputError(f"more queries ({Sq}) than keys ({Sk}): queries are the last Sq key positions.")
+    if Sq == 0:
+        raise KernelInputError("empty input: the sequence has no tokens.")
+    if window is not None and window < 1:
+        raise KernelInputError(f"window must be >= 1 or None, got {window}.")
+    for name, t, dtype in (("key_valid", key_valid, torch.bool), ("keyset", keyset, torch.bool)):
+        if t is not None and (t.shape != (B, Sk) or t.dtype != dtype):
+            raise KernelInputError(f"{name} must be a {dtype} tensor of shape [B, Sk] = [{B}, {Sk}], "
+                                   f"got {tuple(t.shape)} {t.dtype}.")
+    if token_ids is not None and token_ids.shape != (B, Sk):
+        raise KernelInputError(f"token_ids must have shape [B, Sk] = [{B}, {Sk}], got {tuple(token_ids.shape)}.")
+    if request.needs_tokens and token_ids is None:
+        raise KernelInputError("match/next_match statistics compare token ids: pass token_ids [B, Sk].")
+    if request.keyset and keyset is None:
+        raise KernelInputError("keyset_mass was requested: pass keyset, a bool key mask [B, Sk].")
+    if pattern_heads is not None and any(h < 0 or h >= H for h in pattern_heads):
+        raise KernelInputError(f"pattern_heads {list(pattern_heads)} out of range 0..{H - 1}.")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    sm_scale: float | None = None,
+    window: int | None = None,
+    softcap: float | None = None,
+    attention_mask: torch.Tensor | None = None,
+    token_ids: torch.Tensor | None = None,
+    keyset: torch.Tensor | None = None,
+    stats: StatsRequest | None = None,
+    head_mask: torch.Tensor | None = None,
+    head_mask_mode: str = "zero",
+    key_scale: KeyScale | None = None,
+    key_bias: KeyBias | None = None,
+    pattern_heads: list[int] | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Attention output plus per-head statistics, never materialising the full [Sq, Sk] matrix.
+
+    Args:
+        q: [B, H, Sq, D] queries; the Sq queries are the last Sq of the Sk key positions.
+        k, v: [B, Hkv, Sk, D] keys/values; H must be a multiple of Hkv (GQA, no copy).
+        causal: mask keys after the query; False for encoders.
+        sm_scale: score scale, default 1/sqrt(D).
+        window: sliding window W: query i sees keys j with i - j < W (|i - j| < W if not causal).
+        softcap: Gemma-2 style logit soft-capping, s -> softcap * tanh(s / softcap).
+        attention_mask: [B, Sk] bool, True for real tokens (left or right padding).
+        token_ids: [B, Sk] token ids, needed for match / next_match statistics.
+        keyset: [B, Sk] bool key set for keyset_mass.
+        stats: which statistics to compute (`StatsRequest`); None computes none.
+        head_mask: [H] bool heads to ablate; head_mask_mode "zero" or "uniform".
+        key_scale: ACT calibration (`KeyScale`); key_bias: logit bias (`KeyBias`).
+        pattern_heads: heads whose full probability rows to return as stats["pattern"]
+            [B, n, Sq, Sk] (O(S^2): only for short inputs; the caller checks memory).
+        backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch".
+
+    Returns:
+        out [B, H, Sq, D] in q's dtype; dict of float32 statistics (see `headscope.kernels.stats`).
+    """
+    request = stats or StatsRequest()
+    _validate(q, k, v, attention_mask, token_ids, keyset, request, window, pattern_heads)
+    validate_edits(q.shape[1], q.shape[0], k.shape[2], head_mask, head_mask_mode, key_scale, key_bias)
+    if backend not in BACKENDS:
+        raise KernelInputError(f"backend must be one of {BACKENDS}, got {backend!r}.")
+    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
+    if not use_triton:
+        return attention_reference(
+            q, k, v, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap,
+            key_valid=attention_mask, token_ids=token_ids, keyset=keyset, request=request,
+            head_mask=head_mask, head_mask_mode=head_mask_mode, key_scale=key_scale,
+            key_bias=key_bias, pattern_heads=pattern_heads)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise BackwardNotSupportedError(
+            "the fused Triton attention kernel has no backward pass. For gradients (head importance, "
+            "attribution patching) run the model with attn_implementation='sdpa' or 'eager', or call "
+            "headscope.kernels.attention(..., backend='torch'), whose chunked path is differentiable.")
+    if not triton_available():
+        raise KernelInputError("backend 'triton' needs the triton package (pip install triton).")
+    from .triton_attention import attention_triton
+
+    out, result = attention_triton(
+        q, k, v, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap,
+        key_valid=attention_mask, token_ids=token_ids, keyset=keyset, request=request,
+        head_mask=head_mask, head_mask_mode=head_mask_mode, key_scale=key_scale, key_bias=key_bias)
+    if pattern_heads:
+        # Patterns are O(S^2) by nature: computed by the exact torch path for the asked heads only.
+        kv_of = [h // (q.shape[1] // k.shape[1]) for h in pattern_heads]
+        _, pat = attention_reference(
+            q[:, pattern_heads], k[:, kv_of], v[:, kv_of],
+            causal=causal, sm_scale=sm_scale, window=window, softcap=softcap, key_valid=attention_mask,
+            head_mask=head_mask[pattern_heads] if head_mask is not None else None,
+            head_mask_mode=head_mask_mode,
+            key_scale=KeyScale(key_scale.beta[pattern_heads], key_scale.keys) if key_scale is not None else None,
+            key_bias=KeyBias(key_bias.bias[pattern_heads], key_bias.keys) if key_bias is not None else None,
+            pattern_heads=list(range(len(pattern_heads))))
+        result["pattern"] = pat["pattern"]
+    return out, result

@@ -1,0 +1,24 @@
+"""headscope.probe: load models and record what every attention head does.
+
+    from headscope.probe import load_model
+    from headscope.kernels import StatsRequest
+    model = load_model()                        # embedded SmolLM2-135M-Instruct
+    batch = model.tokenize(["The cat sat on the mat."])
+    with model.record(StatsRequest.all()) as rec:
+        model(**batch)
+    rec.stats["entropy"]                       # [B, L, H, S]
+"""
+
+from headscope.kernels.stats import StatsRequest
+
+from .edits import LayerEdit
+from .errors import (DeviceError, HeadIndexError, InputError, ModelLoadError, PatternMemoryError,
+                     RecordingError)
+from .loading import EMBEDDED, EMBEDDED_ENCODER, cache_root, load_model
+from .meta import ModelMeta
+from .model import HeadscopeModel
+from .recording import Recording
+
+__all__ = ["load_model", "HeadscopeModel", "Recording", "ModelMeta", "StatsRequest", "LayerEdit", "EMBEDDED",
+           "EMBEDDED_ENCODER", "cache_root", "DeviceError", "HeadIndexError", "InputError", "ModelLoadError",
+           "PatternMemoryError", "RecordingError"]

@@ -1,0 +1,198 @@
+"""`HeadscopeModel`: a transformers model with its tokenizer, metadata, recorder and edit contexts."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from headscope.kernels.stats import StatsRequest
+
+from .edits import LayerEdit
+from .errors import InputError, ModelLoadError
+from .meta import ModelMeta
+from .native import ModelState, StopForward, bind, register
+from .recorder import Recorder, _layers_arg, pattern_spec
+from .recording import Recording
+
+# Children that hold an attention layer's query projection, by architecture family.
+_QUERY_PROJECTIONS = ("q_proj", "query", "c_attn", "qkv_proj", "Wqkv", "query_key_value", "qkv")
+
+
+def find_attention_modules(hf: torch.nn.Module, n_layers: int) -> list[torch.nn.Module]:
+    """The self-attention module of each layer, in layer order (the module that calls the
+    attention function and owns the projections)."""
+    found: dict[int, torch.nn.Module] = {}
+    for _, m in hf.named_modules():
+        idx = getattr(m, "layer_idx", None)
+        if idx is None or getattr(m, "is_cross_attention", False):
+            continue
+        if any(hasattr(m, p) for p in _QUERY_PROJECTIONS):
+            found.setdefault(int(idx), m)
+    if sorted(found) != list(range(n_layers)):
+        raise ModelLoadError(f"{type(hf).__name__}: found self-attention modules for layers {sorted(found)}, "
+                             f"expected 0..{n_layers - 1}; this architecture is not supported yet.")
+    return [found[i] for i in range(n_layers)]
+
+
+class HeadscopeModel:
+    """A loaded model ready for head analysis.
+
+    Attributes:
+        hf: the transformers model (use it as usual; `model(...)` forwards to it).
+        tokenizer: its tokenizer (may be None for a bare model object).
+        meta: `ModelMeta` (n_layers, n_heads, n_kv_heads, head_dim, causal, sliding windows, ...).
+        attention_modules: each layer's self-attention module.
+    """
+
+    def __init__(self, hf: torch.nn.Module, tokenizer=None, name: str | None = None):
+        register()
+        self.hf = hf.eval()
+        self.tokenizer = tokenizer
+        self.meta = ModelMeta.from_config(hf.config, name or getattr(hf, "name_or_path", None) or type(hf).__name__)
+        self.attention_modules = find_attention_modules(hf, self.meta.n_layers)
+        self.state = ModelState(hf)
+        for layer, module in enumerate(self.attention_modules):
+            bind(module, self.state, layer)
+
+    def __repr__(self) -> str:
+        m = self.meta
+        return (f"HeadscopeModel({m.name!r}, {m.architecture}, {m.n_layers} layers x {m.n_heads} heads "
+                f"({m.n_kv_heads} kv), head_dim {m.head_dim}, {'causal' if m.causal else 'bidirectional'}, "
+                f"device={self.device}, dtype={self.dtype})")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    # ---- inputs ---------------------------------------------------------------------------
+    def tokenize(self, texts, *, prepend_bos: bool = False, padding_side: str = "right") -> dict[str, torch.Tensor]:
+        """Texts -> {"input_ids" [B, S], "attention_mask" [B, S]} on the model's device.
+
+        prepend_bos adds the tokenizer's BOS token when it does not add one itself.
+        """
+        if self.tokenizer is None:
+            raise InputError("this model has no tokenizer: pass tokenizer= to load_model, or give token ids.")
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+            raise InputError("empty prompt: every text must contain at least one non-space character.")
+        tok = self.tokenizer
+        bos = tok.bos_token_id
+        seqs = [tok(t)["input_ids"] for t in texts]
+        if prepend_bos and bos is not None:
+            seqs = [s if s and s[0] == bos else [bos] + s for s in seqs]
+        S = max(len(s) for s in seqs)
+        self.check_length(S)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+        ids = torch.full((len(seqs), S), pad, dtype=torch.long)
+        mask = torch.zeros(len(seqs), S, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            sl = slice(S - len(s), S) if padding_side == "left" else slice(0, len(s))
+            ids[i, sl] = torch.tensor(s, dtype=torch.long)
+            mask[i, sl] = 1
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+
+    def check_length(self, n: int) -> None:
+        if n == 0:
+            raise InputError("empty prompt: the input has no tokens.")
+        if self.meta.max_positions and n > self.meta.max_positions:
+            raise InputError(f"input of {n} tokens is longer than {self.meta.name}'s context "
+                             f"({self.meta.max_positions}); truncate it or pick a longer-context model.")
+
+    def __call__(self, *args, **kwargs):
+        return self.hf(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.hf.generate(*args, **kwargs)
+
+    # ---- recording ------------------------------------------------------------------------
+    @contextmanager
+    def record(self, stats: StatsRequest | None = None, *, patterns=None, head_out=None, qkv=None,
+               keyset: torch.Tensor | None = None, stop_after_layer: int | None = None,
+               max_pattern_bytes: int | None = None) -> Iterator[Recording]:
+        """Record what every head does during the forward / generate calls inside the block.
+
+        Args:
+            stats: which per-head statistics to compute for every head (`StatsRequest`).
+            patterns: full attention patterns to keep: True (all layers and heads), a layer or list of
+                layers, or {"layers": [...], "heads": [...]}. Refused with PatternMemoryError, before
+                anything is allocated, when they would not fit in memory.
+            head_out: layers (or True) whose per-head outputs z [B, S, H, D] to keep.
+            qkv: layers (or True) whose q, k, v to keep.
+            keyset: [B, S] bool key set for `keyset_mass`.
+            stop_after_layer: skip the rest of the forward after this layer's attention (the
+                forward call then returns None); for collecting activations cheaply.
+        Yields:
+            a `Recording`, filled when the block exits.
+        """
+        request = stats or StatsRequest()
+        if request.keyset and keyset is None:
+            raise InputError("keyset_mass was requested: pass keyset=, a [B, S] bool mask of the key positions.")
+        if stop_after_layer is not None:
+            self.meta.check_layer(stop_after_layer)
+        rec = Recording(meta=self.meta, tokens=torch.zeros(0, 0, dtype=torch.long),
+                        attention_mask=torch.zeros(0, 0, dtype=torch.bool), request=request)
+        recorder = Recorder(self.meta, self.device, request, pattern_spec(self.meta, patterns),
+                            _layers_arg(self.meta, head_out, "head_out"), _layers_arg(self.meta, qkv, "qkv"),
+                            keyset, stop_after_layer, max_pattern_bytes)
+        if self.state.recorder is not None:
+            raise InputError("a recording is already active on this model; recordings do not nest.")
+        handle = self.hf.register_forward_pre_hook(self._pre_hook(recorder), with_kwargs=True)
+        self.state.recorder = recorder
+        try:
+            with self.state.active():
+                yield rec
+        finally:
+            self.state.recorder = None
+            handle.remove()
+        recorder.finish(rec)
+
+    def _pre_hook(self, recorder: Recorder):
+        def hook(module, args, kwargs):
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            embeds = kwargs.get("inputs_embeds")
+            ref = ids if ids is not None else embeds
+            if ref is None:
+                raise InputError("the model was called without input_ids or inputs_embeds.")
+            past = kwargs.get("past_key_values")
+            n_past = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
+            recorder.begin_call(ids, kwargs.get("attention_mask"), ref.shape[1], ref.shape[0], n_past)
+        return hook
+
+    def run_recorded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                     stats: StatsRequest | None = None, **record_kwargs) -> tuple[object, Recording]:
+        """One forward pass under `record` -> (model output or None if stopped early, Recording)."""
+        out = None
+        with self.record(stats, **record_kwargs) as rec:
+            try:
+                with torch.no_grad():
+                    out = self.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            except StopForward:
+                out = None
+        return out, rec
+
+    # ---- interventions --------------------------------------------------------------------
+    @contextmanager
+    def edit_attention(self, edits: dict[int, LayerEdit]):
+        """Apply `LayerEdit`s (layer -> edit) to every forward inside the block; removed on exit."""
+        for layer, edit in edits.items():
+            self.meta.check_layer(layer)
+            if edit.head_mask is not None and edit.head_mask.shape != (self.meta.n_heads,):
+                raise InputError(f"head_mask of layer {layer} must have shape [{self.meta.n_heads}].")
+        for layer, edit in edits.items():
+            self.state.edits.setdefault(layer, []).append(edit)
+        try:
+            with self.state.active():
+                yield self
+        finally:
+            for layer, edit in edits.items():
+                lst = self.state.edits[layer]
+                lst.remove(edit)
+                if not lst:
+                    del self.state.edits[layer]

@@ -1,0 +1,139 @@
+"""The native backend: an attention function registered in transformers' attention registry.
+
+`model.set_attn_implementation("headscope")` routes every attention layer through
+`headscope_attention`, which calls `headscope.kernels.attention` (Triton on CUDA, exact chunked
+torch on CPU), applies the active `LayerEdit`s and hands statistics to the active recorder.
+The implementation is switched on only while a recorder or an edit is active (`ModelState`),
+so a model outside those contexts runs exactly as transformers would run it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+
+import torch
+
+from headscope.kernels import KeyBias, KeyScale, StatsRequest, attention
+from headscope.kernels.errors import KernelInputError
+
+from .edits import LayerEdit, merge_edits
+
+IMPL = "headscope"
+_NO_STATS = StatsRequest()
+# attention module -> (ModelState, layer index); weak so models can be garbage-collected.
+_MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+_registered = False
+
+
+class StopForward(Exception):
+    """Raised after the last layer a recording needs, to skip the rest of the forward pass."""
+
+
+def register() -> None:
+    """Register the attention function and its mask function with transformers (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(IMPL, headscope_attention)
+    AttentionMaskInterface.register(IMPL, headscope_mask)
+    _registered = True
+
+
+def headscope_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mask_function=None,
+                   attention_mask=None, **kwargs):
+    """Pass only the 2-D padding mask on: causal and window structure is applied inside the kernel,
+    so no [B, 1, Sq, Sk] mask is ever built."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    return attention_mask.bool()
+
+
+class ModelState:
+    """Per-model switchboard: the active recorder, the active edits, and who turned the
+    headscope attention implementation on (restored when the last user leaves)."""
+
+    def __init__(self, hf):
+        self.hf = hf
+        self.recorder = None
+        self.edits: dict[int, list[LayerEdit]] = {}
+        self.backend = "auto"
+        self._users = 0
+        self._saved_impl = None
+
+    @contextmanager
+    def active(self):
+        if self._users == 0:
+            self._saved_impl = self.hf.config._attn_implementation or "sdpa"
+            self.hf.set_attn_implementation(IMPL)
+        self._users += 1
+        try:
+            yield
+        finally:
+            self._users -= 1
+            if self._users == 0:
+                self.hf.set_attn_implementation(self._saved_impl)
+
+    def layer_edit(self, layer: int, H: int) -> LayerEdit | None:
+        edits = self.edits.get(layer)
+        return merge_edits(edits, H) if edits else None
+
+
+def bind(module: torch.nn.Module, state: ModelState, layer: int) -> None:
+    _MODULES[module] = (state, layer)
+
+
+def _last(t: torch.Tensor | None, Sk: int) -> torch.Tensor | None:
+    """The last Sk positions of a [B, S] per-position tensor (the keys of this call)."""
+    if t is None:
+        return None
+    if t.shape[1] < Sk:
+        raise KernelInputError(f"a [B, S] mask covers {t.shape[1]} positions but the layer sees {Sk} keys.")
+    return t[:, t.shape[1] - Sk:]
+
+
+def headscope_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function: query [B, H, Sq, D], key/value [B, Hkv, Sk, D] ->
+    (output [B, Sq, H, D], None)."""
+    entry = _MODULES.get(module)
+    state, layer = entry if entry is not None else (None, None)
+    if dropout and module.training:
+        raise KernelInputError("headscope attention has no dropout: call model.eval() (analyses run in eval mode).")
+    B, H, Sq, _ = query.shape
+    Sk = key.shape[2]
+    if attention_mask is not None and attention_mask.dim() != 2:
+        raise KernelInputError("headscope attention takes a [B, S] padding mask, not a prepared 4-D mask; "
+                               "pass the 2-D attention_mask that the tokenizer returns.")
+    key_valid = _last(attention_mask, Sk)
+    is_causal = kwargs.get("is_causal")
+    causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    rec = state.recorder if state is not None else None
+    edit = state.layer_edit(layer, H) if state is not None else None
+
+    request = rec.request if rec is not None else _NO_STATS
+    key_scale = key_bias = None
+    if edit is not None and edit.keys is not None:
+        keys = _last(edit.keys.to(query.device), Sk)
+        if edit.key_scale_beta is not None:
+            key_scale = KeyScale(edit.key_scale_beta.to(query.device, torch.float32), keys)
+        if edit.key_bias is not None:
+            key_bias = KeyBias(edit.key_bias.to(query.device, torch.float32), keys)
+    out, stats = attention(
+        query, key, value, causal=causal, sm_scale=scaling, window=window, softcap=kwargs.get("softcap"),
+        attention_mask=key_valid, token_ids=rec.key_tokens(Sk) if rec is not None and request.needs_tokens else None,
+        keyset=rec.key_set(Sk) if rec is not None and request.keyset else None, stats=request,
+        head_mask=edit.head_mask.to(query.device) if edit is not None and edit.head_mask is not None else None,
+        head_mask_mode=edit.head_mask_mode if edit is not None else "zero", key_scale=key_scale, key_bias=key_bias,
+        pattern_heads=rec.pattern_heads_for(layer) if rec is not None else None,
+        backend=state.backend if state is not None else "auto")
+    if edit is not None and edit.z_fn is not None:
+        out = edit.z_fn(out, layer)
+    if rec is not None:
+        rec.add(layer, stats, out, query, key[:, :, Sk - Sq:], value[:, :, Sk - Sq:])
+        if rec.stop_after_layer is not None and layer >= rec.stop_after_layer:
+            raise StopForward()
+    return out.transpose(1, 2).contiguous(), None
