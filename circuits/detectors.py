@@ -1,0 +1,61 @@
+"""The detector registry: every head kind, its detector function, and one config shape for all.
+
+A detector is `fn(model: HeadscopeModel, config: DetectorConfig) -> DetectorResult`. It scores every
+head from attention statistics (so it runs at any length), exposes its paper's parameters with the
+paper's defaults through `config.params`, and, when `config.validate`, fills
+`DetectorResult.validation` with the causal check (top-k heads vs random k heads ablated).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+from headscope.probe.errors import InputError
+
+from .scores import KINDS, DetectorResult
+
+# kind -> "module:function"; imported lazily so one detector's import cost is not paid by others.
+_DETECTORS = {
+    "sink": "headscope.circuits.detect_sink:detect_sink",
+    "previous_token": "headscope.circuits.detect_positional:detect_previous_token",
+    "induction": "headscope.circuits.detect_positional:detect_induction",
+    "duplicate_token": "headscope.circuits.detect_positional:detect_duplicate_token",
+    "retrieval": "headscope.circuits.detect_retrieval:detect_retrieval",
+    "temporal": "headscope.circuits.detect_temporal:detect_temporal",
+}
+assert tuple(_DETECTORS) == KINDS
+
+
+@dataclass
+class DetectorConfig:
+    """Options shared by every detector. None means "the detector's published default".
+
+    seq_len: prompt length in tokens; n_prompts: how many prompts; batch_size: prompts per forward;
+    seed: seeds every random choice (same seed, same scores); top_k: heads ablated in validation;
+    n_random: random head sets (seeds) in validation; prompts_file: user prompts (.txt / .jsonl);
+    params: kind-specific parameters (e.g. {"eps": 0.3} for sink).
+    """
+
+    seq_len: int | None = None
+    n_prompts: int | None = None
+    batch_size: int = 8
+    seed: int = 0
+    top_k: int = 8
+    validate: bool = True
+    n_random: int = 5
+    progress: bool = True
+    prompts_file: str | None = None
+    params: dict = field(default_factory=dict)
+
+
+def get_detector(kind: str) -> Callable[..., DetectorResult]:
+    if kind not in _DETECTORS:
+        raise InputError(f"unknown detector {kind!r}; choose from {', '.join(KINDS)}.")
+    module, fn = _DETECTORS[kind].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
+def run_detector(model, kind: str, config: DetectorConfig | None = None) -> DetectorResult:
+    return get_detector(kind)(model, config or DetectorConfig())

@@ -1,0 +1,96 @@
+"""`HeadScores`: the tidy table every detector returns and every report reads.
+
+One row per (kind, layer, head); columns `kind, layer, head, score, rank` plus kind-specific
+columns (e.g. `ablation_delta`). Rank 1 is the most <kind>-like head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+
+KINDS = ("sink", "previous_token", "induction", "duplicate_token", "retrieval", "temporal")
+BASE_COLUMNS = ["kind", "layer", "head", "score", "rank"]
+
+
+def head_scores(kind: str, score, extra: dict | None = None) -> pd.DataFrame:
+    """Build a HeadScores frame from a [L, H] score grid (tensor or array) and optional [L, H] extras.
+
+    NaN scores (heads that could not be scored) rank last.
+    """
+    grid = score.detach().cpu().double().numpy() if isinstance(score, torch.Tensor) else np.asarray(score, float)
+    if grid.ndim != 2:
+        raise ValueError(f"scores must be a [layers, heads] grid, got shape {grid.shape}")
+    L, H = grid.shape
+    layer, head = np.meshgrid(np.arange(L), np.arange(H), indexing="ij")
+    df = pd.DataFrame({"kind": kind, "layer": layer.ravel(), "head": head.ravel(), "score": grid.ravel()})
+    for name, values in (extra or {}).items():
+        v = values.detach().cpu().double().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
+        df[name] = v.reshape(-1) if v.shape == grid.shape else v
+    order = df["score"].rank(ascending=False, method="first", na_option="bottom")
+    df["rank"] = order.astype(int)
+    cols = BASE_COLUMNS + [c for c in df.columns if c not in BASE_COLUMNS]
+    return df[cols].sort_values(["rank"]).reset_index(drop=True)
+
+
+def score_grid(df: pd.DataFrame, n_layers: int, n_heads: int, column: str = "score") -> np.ndarray:
+    """[L, H] grid of one column of a single-kind HeadScores frame."""
+    grid = np.full((n_layers, n_heads), np.nan)
+    grid[df["layer"].to_numpy(), df["head"].to_numpy()] = df[column].to_numpy()
+    return grid
+
+
+def top_heads(df: pd.DataFrame, k: int) -> list[tuple[int, int]]:
+    """The k best-ranked (layer, head) pairs of a single-kind frame."""
+    best = df.sort_values("rank").head(k)
+    return [(int(l), int(h)) for l, h in zip(best["layer"], best["head"])]
+
+
+@dataclass
+class Validation:
+    """Causal check of a detector: damage to its behaviour from ablating its top-k heads vs random k."""
+
+    kind: str
+    k: int
+    metric: str
+    top_k_damage: float
+    random_k_damage: list[float]
+    baseline: float
+    notes: str = ""
+
+    @property
+    def random_median(self) -> float:
+        return float(np.median(self.random_k_damage)) if self.random_k_damage else float("nan")
+
+    @property
+    def passed(self) -> bool:
+        """Top heads do more damage than the median random set."""
+        return bool(self.top_k_damage > self.random_median)
+
+    def verdict(self) -> str:
+        if self.passed:
+            ratio = self.top_k_damage / self.random_median if self.random_median > 0 else float("inf")
+            return (f"ablating the top-{self.k} {self.kind} heads does {ratio:.1f}x the damage of the median "
+                    f"random {self.k}-head set ({self.metric}).")
+        return (f"the top-{self.k} {self.kind} heads are no more harmful than random heads when ablated "
+                f"({self.top_k_damage:.4g} vs median {self.random_median:.4g}, {self.metric}): the detector is "
+                "wrong or the behaviour is absent in this model.")
+
+    def to_dict(self) -> dict:
+        return {"k": self.k, "top_k_damage": float(self.top_k_damage), "random_k_damage": float(self.random_median),
+                "random_k_damage_all": [float(x) for x in self.random_k_damage], "metric": self.metric,
+                "baseline": float(self.baseline), "passed": self.passed, "verdict": self.verdict(),
+                "notes": self.notes}
+
+
+@dataclass
+class DetectorResult:
+    """What a detector returns: per-head scores, model-level findings, and the causal check."""
+
+    kind: str
+    scores: pd.DataFrame
+    summary: dict = field(default_factory=dict)
+    validation: Validation | None = None
