@@ -1,0 +1,257 @@
+"""`attention_triton`: host side of the fused Triton attention (kernels in triton_forward / triton_colsum).
+
+Launches, per call: the forward kernel (output + one-pass statistics), the token-count kernel when
+match / next_match are requested (counts do not depend on the head), and the colsum pass when
+colsum is requested. Semantics are those of `reference.attention_reference`, which the tests hold
+this to.
+
+Under TRITON_INTERPRET=1 (CPU CI) the kernels run in Triton's interpreter on CPU tensors with one
+small block configuration; on CUDA the forward and colsum kernels are autotuned over a few Hopper
+configurations keyed on head_dim and on whether the heavy statistics are compiled in.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+
+from .edits import KeyBias, KeyScale
+from .errors import BackwardNotSupportedError, KernelInputError
+from .stats import StatsRequest
+from .triton_colsum import _colsum_kernel
+from .triton_forward import LOG2E, _attn_fwd, _match_counts
+
+MAX_TOPK = 16
+MAX_OFFSETS = 32
+MAX_HEAD_DIM = 256
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head_dim, for Hopper (sm_90, 228 KB smem).
+_FWD_CONFIGS = {
+    16: [(128, 64, 4, 3), (128, 128, 8, 3)],
+    32: [(128, 64, 4, 3), (128, 128, 8, 3)],
+    64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+    128: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3)],
+    256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
+}
+_COLSUM_CONFIGS = {
+    16: [(64, 128, 4, 3), (128, 128, 8, 3)],
+    32: [(64, 128, 4, 3), (128, 128, 8, 3)],
+    64: [(64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+    128: [(64, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3)],
+    256: [(64, 64, 4, 2), (64, 128, 8, 2)],
+}
+
+
+def _configs(table):
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+            for d, rows in table.items() for (bm, bn, w, s) in rows]
+
+
+def _prune_for_dim(table):
+    def prune(configs, named_args, **kwargs):
+        d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
+        keep = {(bm, bn, w, s) for (bm, bn, w, s) in table[d]}
+        out, seen = [], set()
+        for c in configs:
+            key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            if key in keep and key not in seen:
+                seen.add(key)
+                out.append(c)
+        return out
+    return prune
+
+
+# The key is kept small so a model's 30 layers hit one tuning result: head_dim, dtype and the
+# "heavy" flag (statistics that add per-element work and registers).
+_fwd_tuned = triton.autotune(
+    configs=_configs(_FWD_CONFIGS), key=["HEAD_DIM", "PREC", "HEAVY"],
+    prune_configs_by={"early_config_prune": _prune_for_dim(_FWD_CONFIGS)},
+)(_attn_fwd) if not _interpreting() else None
+_colsum_tuned = triton.autotune(
+    configs=_configs(_COLSUM_CONFIGS), key=["HEAD_DIM", "PREC"],
+    prune_configs_by={"early_config_prune": _prune_for_dim(_COLSUM_CONFIGS)},
+)(_colsum_kernel) if not _interpreting() else None
+
+
+
+def _small_config(interp: bool, head_dim: int) -> dict:
+    """Fixed tiles for the interpreter (tiny, fast to emulate) and for short query blocks (decoding)."""
+    if interp:
+        return {"BLOCK_M": 16, "BLOCK_N": 16}
+    return {"BLOCK_M": 16, "BLOCK_N": 64 if head_dim >= 256 else 128}
+
+
+def _as_u8(t: torch.Tensor | None, B: int, Sk: int, dev) -> torch.Tensor:
+    if t is None:
+        return torch.empty(1, dtype=torch.uint8, device=dev)
+    return t.to(device=dev, dtype=torch.uint8).contiguous()
+
+
+def attention_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+    causal: bool = True, sm_scale: float | None = None, window: int | None = None,
+    softcap: float | None = None, key_valid: torch.Tensor | None = None,
+    token_ids: torch.Tensor | None = None, keyset: torch.Tensor | None = None,
+    request: StatsRequest = StatsRequest(), head_mask: torch.Tensor | None = None,
+    head_mask_mode: str = "zero", key_scale: KeyScale | None = None, key_bias: KeyBias | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Fused attention + statistics. q [B, H, Sq, D]; k, v [B, Hkv, Sk, D] (same dtype: fp16/bf16/fp32).
+
+    Masks are [B, Sk] bool, token_ids [B, Sk] int. Returns out [B, H, Sq, D] in q's dtype and the
+    float32 statistics of `request` with the shapes of `headscope.kernels.stats` (argmax int64).
+    Inputs are assumed validated by `dispatch.attention` (shapes, GQA divisibility, edits).
+    """
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        raise BackwardNotSupportedError(
+            "the fused Triton attention kernel has no backward pass; use backend='torch' or "
+            "attn_implementation='sdpa'/'eager' for gradients.")
+    B, H, Sq, D = q.shape
+    Hkv, Sk = k.shape[1], k.shape[2]
+    dev = q.device
+    interp = _interpreting()
+    if not interp and not q.is_cuda:
+        raise KernelInputError("the Triton kernel needs CUDA tensors; use backend='torch' on CPU.")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or k.dtype != q.dtype or v.dtype != q.dtype:
+        raise KernelInputError(f"Triton attention takes q, k, v of one dtype among fp16/bf16/fp32; got "
+                               f"{q.dtype}, {k.dtype}, {v.dtype}. Cast them, or use backend='torch'.")
+    if D > MAX_HEAD_DIM:
+        raise KernelInputError(f"head_dim {D} > {MAX_HEAD_DIM} is not supported by the Triton kernel; "
+                               "use backend='torch'.")
+    if request.topk > MAX_TOPK:
+        raise KernelInputError(f"topk {request.topk} > {MAX_TOPK} is too many for the in-kernel top-k; "
+                               "use backend='torch' (exact, chunked) for larger k.")
+    if len(request.offsets) > MAX_OFFSETS:
+        raise KernelInputError(f"{len(request.offsets)} offsets > {MAX_OFFSETS} in one call; split the "
+                               "request or use backend='torch'.")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1:
+            raise KernelInputError(f"{name} must be contiguous in its last (head_dim) dimension; "
+                                   f"call .contiguous() first (stride {t.stride()}).")
+    HEAD_DIM = max(16, _next_pow2(D))
+    G = H // Hkv
+    OFF = Sk - Sq
+    scale = float(sm_scale) if sm_scale is not None else 1.0 / math.sqrt(D)
+    has_uniform = head_mask is not None and head_mask_mode == "uniform" and bool(head_mask.any())
+    has_zero = head_mask is not None and head_mask_mode == "zero" and bool(head_mask.any())
+    prescaled = softcap is not None or key_bias is not None or has_uniform
+    if softcap is not None:
+        qk_scale, cap2 = scale / float(softcap), float(softcap) * LOG2E
+    else:
+        qk_scale, cap2 = scale * LOG2E, 1.0
+    f32 = dict(dtype=torch.float32, device=dev)
+    dummy_f = torch.empty(1, **f32)
+    kv_u8 = _as_u8(key_valid, B, Sk, dev)
+    tok = token_ids.to(device=dev, dtype=torch.int32).contiguous() if token_ids is not None \
+        else torch.empty(1, dtype=torch.int32, device=dev)
+    kset = _as_u8(keyset if request.keyset else None, B, Sk, dev)
+    ks_keys = _as_u8(key_scale.keys if key_scale is not None else None, B, Sk, dev)
+    ks_beta = key_scale.beta.to(**f32).contiguous() if key_scale is not None else dummy_f
+    kb_keys = _as_u8(key_bias.keys if key_bias is not None else None, B, Sk, dev)
+    kb_bias = key_bias.bias.to(**f32).contiguous() if key_bias is not None else dummy_f
+    hmask = head_mask.to(device=dev, dtype=torch.uint8).contiguous() if head_mask is not None \
+        else torch.empty(1, dtype=torch.uint8, device=dev)
+    if request.sink_k:
+        first = (key_valid.int().argmax(dim=1) if key_valid is not None
+                 else torch.zeros(B, dtype=torch.int64, device=dev)).to(torch.int32).contiguous()
+    else:
+        first = torch.empty(1, dtype=torch.int32, device=dev)
+    noff = len(request.offsets)
+    offs = torch.tensor(request.offsets or (0,), dtype=torch.int32, device=dev)
+
+    out = torch.empty(B, H, Sq, D, dtype=q.dtype, device=dev)
+    stats: dict[str, torch.Tensor] = {}
+
+    def alloc(name, *shape, dtype=torch.float32):
+        t = torch.empty(*shape, dtype=dtype, device=dev)
+        stats[name] = t
+        return t
+
+    lse_o = alloc("lse", B, H, Sq) if request.lse else dummy_f
+    ent_o = alloc("entropy", B, H, Sq) if request.entropy else dummy_f
+    amax_o = alloc("argmax", B, H, Sq, request.topk, dtype=torch.int64) if request.topk \
+        else torch.empty(1, dtype=torch.int64, device=dev)
+    mprob_o = alloc("max_prob", B, H, Sq, request.topk) if request.topk else dummy_f
+    sink_o = alloc("sink_mass", B, H, Sq) if request.sink_k else dummy_f
+    off_o = alloc("offset_mass", B, H, Sq, noff) if noff else dummy_f
+    match_o = alloc("match_mass", B, H, Sq) if request.match else dummy_f
+    next_o = alloc("next_match_mass", B, H, Sq) if request.next_match else dummy_f
+    kset_o = alloc("keyset_mass", B, H, Sq) if request.keyset else dummy_f
+    lse2_int = torch.empty(B, H, Sq, **f32) if request.colsum else dummy_f
+    coef_int = torch.empty(B, H, Sq, 2, **f32) if (request.colsum and key_scale is not None) else dummy_f
+
+    prec = "ieee" if q.dtype == torch.float32 else "tf32"
+    flags = dict(
+        HEAD_DIM=HEAD_DIM, D_TRUE=D, CAUSAL=bool(causal), HAS_WINDOW=window is not None,
+        HAS_KV=key_valid is not None, SOFTCAP=softcap is not None, KEY_BIAS=key_bias is not None,
+        KEY_SCALE=key_scale is not None, HAS_ZERO=has_zero, HAS_UNIFORM=has_uniform,
+        PRESCALED=prescaled, PREC=prec,
+    )
+    heavy = bool(request.entropy or request.topk or request.match or request.next_match or request.keyset
+                 or key_scale is not None)
+    topk = request.topk
+    fwd_args = (
+        q, k, v, out, *q.stride(), *k.stride(), *v.stride(),
+        H, G, Sq, Sk, OFF, qk_scale, cap2, int(window or 0), int(request.sink_k),
+        kv_u8, tok, kset, ks_keys, ks_beta, kb_keys, kb_bias, hmask, first, offs,
+        lse_o, ent_o, amax_o, mprob_o, sink_o, off_o, match_o, next_o, kset_o, lse2_int, coef_int,
+    )
+    fwd_flags = dict(
+        flags, LSE=request.lse, ENT=request.entropy, TOPK=topk, KPAD=max(2, _next_pow2(max(topk, 1))),
+        FAST_TOP1=(topk == 1 and key_scale is None), SINK=request.sink_k > 0, NOFF=noff,
+        NOFF_PAD=max(2, _next_pow2(max(noff, 1))), MATCH=request.match, NEXT=request.next_match,
+        KEYSET=request.keyset, SAVE_LSE=request.colsum,
+    )
+    # Short query blocks (decoding, Sq < 64) would waste most of a 128-row tile: fixed small tiles.
+    if interp or Sq < 64:
+        small = _small_config(interp, HEAD_DIM)
+        grid = (triton.cdiv(Sq, small["BLOCK_M"]), B * H)
+        _attn_fwd[grid](*fwd_args, **fwd_flags, HEAVY=heavy, **small, num_warps=4, num_stages=2)
+    else:
+        grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)  # noqa: E731
+        _fwd_tuned[grid](*fwd_args, **fwd_flags, HEAVY=heavy)
+
+    if request.match or request.next_match:
+        mc = torch.empty(B, Sq, **f32) if request.match else dummy_f
+        nc = torch.empty(B, Sq, **f32) if request.next_match else dummy_f
+        bm = 16 if interp else 64
+        _match_counts[(triton.cdiv(Sq, bm), B)](
+            tok, kv_u8, mc, nc, Sq, Sk, OFF, int(window or 0),
+            BLOCK_M=bm, BLOCK_N=16 if interp else 128, CAUSAL=bool(causal), HAS_WINDOW=window is not None,
+            HAS_KV=key_valid is not None, MATCH=request.match, NEXT=request.next_match)
+        for name, c in (("match_count", mc if request.match else None),
+                        ("next_match_count", nc if request.next_match else None)):
+            if c is None:
+                continue
+            full = c[:, None, :].expand(B, H, Sq).contiguous()
+            if has_zero:
+                full[:, head_mask.to(dev)] = math.nan
+            stats[name] = full
+
+    if request.colsum:
+        colsum = torch.empty(B, H, Sk, **f32)
+        cs_args = (q, k, lse2_int, coef_int, colsum, *q.stride(), *k.stride(),
+                   H, G, Sq, Sk, OFF, qk_scale, cap2, int(window or 0),
+                   kv_u8, ks_keys, kb_keys, kb_bias, hmask)
+        if interp or Sq < 64:
+            small = _small_config(interp, HEAD_DIM)
+            grid = (triton.cdiv(Sk, small["BLOCK_N"]), B * H)
+            _colsum_kernel[grid](*cs_args, **flags, **small, num_warps=4, num_stages=2)
+        else:
+            grid = lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * H)  # noqa: E731
+            _colsum_tuned[grid](*cs_args, **flags)
+        stats["colsum"] = colsum
+
+    # Same key order as the reference (request.names()).
+    return out, {name: stats[name] for name in request.names()}

@@ -1,0 +1,617 @@
+"""Triton forward kernel: FlashAttention-2 online softmax that also accumulates the one-pass statistics.
+
+Scores live in base 2 (s2 = s * log2 e) so the exponential is one `exp2`. Every statistic that is a
+mass (sink, match, next_match, keyset) is a running sum of the same unnormalised probabilities
+p = exp2(s2 - m) that feed the output, rescaled by the same alpha when the row maximum m moves, and
+divided by the same normaliser l at the end; entropy uses A = sum p (s2 - m), also rescaled.
+
+Under `key_scale` (ACT) every accumulator is split into the part on the key set and the rest, and the
+epilogue combines them with the two factors beta and (1 - beta S)/(1 - S) that only the final S knows.
+Top-k keeps raw scores (no rescaling needed) in one list, or two lists (set / rest) under key_scale.
+
+Per-row work is cheap; per-element work is what costs. Each statistic is a constexpr flag, so a
+statistic that was not requested is not compiled in. Key blocks are visited in three phases: masked
+blocks on the window's left edge, interior blocks where every (row, key) pair is visible (no mask
+arithmetic), masked blocks on the causal diagonal / right edge.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+# Token id that no real token has: marks "no previous token" for next_match.
+NO_TOKEN = -2147483648
+
+
+@triton.jit
+def _tanh(x):
+    # tl.math has no tanh usable both by the CPU interpreter and the GPU backends; this form
+    # saturates cleanly to +-1 (exp overflow gives 1 - 0, underflow gives 1 - 2).
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _floordiv(x, d):
+    """Floor division of a scalar that may be negative (Triton's // truncates toward zero)."""
+    return tl.where(x >= 0, x // d, -((d - 1 - x) // d))
+
+
+@triton.jit
+def _scores(qk, offs_n, Sk, KbKeys_b, qk_scale, cap2, bias2, uniform,
+            SOFTCAP: tl.constexpr, KEY_BIAS: tl.constexpr, HAS_UNIFORM: tl.constexpr,
+            PRESCALED: tl.constexpr):
+    """Score tile [BM, BN] after softcap, key bias and uniform masking.
+
+    PRESCALED: in base-2 units; otherwise the raw q.k (the scale is folded into exp2's FMA later).
+    """
+    if SOFTCAP:
+        s = _tanh(qk * qk_scale) * cap2
+    elif PRESCALED:
+        s = qk * qk_scale
+    else:
+        s = qk
+    if KEY_BIAS:
+        kb = tl.load(KbKeys_b + offs_n, mask=offs_n < Sk, other=0).to(tl.float32)
+        s = s + kb[None, :] * bias2
+    if HAS_UNIFORM:
+        s = tl.where(uniform, 0.0, s)
+    return s
+
+
+@triton.jit
+def _visible(s, offs_n, pos_m, Sk, window, KeyValid_b,
+             MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KV: tl.constexpr):
+    """Sets invisible (row, key) scores to -inf. Interior tiles without padding skip all of it."""
+    if MASKED:
+        vis = offs_n[None, :] < Sk
+        if CAUSAL:
+            vis = vis & (offs_n[None, :] <= pos_m[:, None])
+        if HAS_WINDOW:
+            if CAUSAL:
+                vis = vis & (pos_m[:, None] - offs_n[None, :] < window)
+            else:
+                dist = pos_m[:, None] - offs_n[None, :]
+                vis = vis & (dist < window) & (-dist < window)
+        if HAS_KV:
+            kv = tl.load(KeyValid_b + offs_n, mask=offs_n < Sk, other=0)
+            vis = vis & (kv[None, :] != 0)
+        s = tl.where(vis, s, float("-inf"))
+    elif HAS_KV:
+        kv = tl.load(KeyValid_b + offs_n)
+        s = tl.where(kv[None, :] != 0, s, float("-inf"))
+    return s
+
+
+@triton.jit
+def _topk_insert(vals, idx, x, n0, BLOCK_N: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr):
+    """Merge the TOPK largest entries of the tile x [BM, BN] into the running list (vals, idx) [BM, KPAD].
+
+    The list is unsorted; padding slots hold +inf so they are never the minimum that gets replaced.
+    """
+    kc = tl.arange(0, KPAD)[None, :]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    for _r in tl.static_range(TOPK):
+        tmax, targ = tl.max(x, 1, return_indices=True)
+        lmin, lpos = tl.min(vals, 1, return_indices=True)
+        sel = (kc == lpos[:, None]) & (tmax > lmin)[:, None]
+        vals = tl.where(sel, tmax[:, None], vals)
+        idx = tl.where(sel, (targ + n0)[:, None], idx)
+        x = tl.where(cols == targ[:, None], float("-inf"), x)
+    return vals, idx
+
+
+@triton.jit
+def _fwd_tile(
+    t, q, K_bh, V_bh, skn, skd, svn, svd,
+    acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis,
+    sink, sinks, offs, mm, mms, nm, nms, km, kms,
+    pos_m, m0, tok_q, KeyValid_b, Tok_b, Keyset_b, KsKeys_b, KbKeys_b, Offs,
+    Sk, window, qk_scale, cap2, bias2, uniform, first, sink_k,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
+    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KV: tl.constexpr,
+    SOFTCAP: tl.constexpr, KEY_BIAS: tl.constexpr, HAS_UNIFORM: tl.constexpr, KEY_SCALE: tl.constexpr,
+    ENT: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr, FAST_TOP1: tl.constexpr,
+    SINK: tl.constexpr, NOFF: tl.constexpr, NOFF_PAD: tl.constexpr, MATCH: tl.constexpr,
+    NEXT: tl.constexpr, KEYSET: tl.constexpr, PRESCALED: tl.constexpr, PREC: tl.constexpr,
+):
+    """One key block t of the online-softmax loop, for output and every requested statistic."""
+    n0 = t * BLOCK_N
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kp = K_bh + offs_n[:, None] * skn + offs_d[None, :] * skd
+    vp = V_bh + offs_n[:, None] * svn + offs_d[None, :] * svd
+    if MASKED:
+        lmask = offs_n[:, None] < Sk
+        if D_TRUE != HEAD_DIM:
+            lmask = lmask & (offs_d[None, :] < D_TRUE)
+        k = tl.load(kp, mask=lmask, other=0.0)
+    elif D_TRUE != HEAD_DIM:
+        lmask = offs_d[None, :] < D_TRUE
+        k = tl.load(kp, mask=lmask, other=0.0)
+    else:
+        k = tl.load(kp)
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    s = _scores(qk, offs_n, Sk, KbKeys_b, qk_scale, cap2, bias2, uniform,
+                SOFTCAP, KEY_BIAS, HAS_UNIFORM, PRESCALED)
+    s = _visible(s, offs_n, pos_m, Sk, window, KeyValid_b, MASKED, CAUSAL, HAS_WINDOW, HAS_KV)
+    # Only masked tiles (or padding) can hold a row that is all -inf: only they need the guards.
+
+    if FAST_TOP1:
+        tmax, targ = tl.max(s, 1, return_indices=True)
+    else:
+        tmax = tl.max(s, 1)
+    if PRESCALED:
+        m_new = tl.maximum(m_i, tmax)
+    else:
+        m_new = tl.maximum(m_i, tmax * qk_scale)
+    if FAST_TOP1:
+        # Strictly greater: the first key reaching the maximum wins, as within a tile.
+        top1 = tl.where(m_new > m_i, targ + n0, top1)
+    if MASKED or HAS_KV:
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_use = m_new
+    alpha = tl.exp2(m_i - m_use)
+    if PRESCALED:
+        d = s - m_use[:, None]
+    else:
+        d = s * qk_scale - m_use[:, None]
+    p = tl.exp2(d)
+    if ENT:
+        # A = sum p (s2 - m): moving m to m' adds (m - m') l before the alpha rescale.
+        shift = tl.where(m_i == float("-inf"), 0.0, m_i - m_use)
+        if MASKED or HAS_KV:
+            pd = p * tl.maximum(d, -1.0e30)  # 0 * -inf would be NaN on masked keys
+        else:
+            pd = p * d
+    if KEY_SCALE:
+        inset = tl.load(KsKeys_b + offs_n, mask=offs_n < Sk, other=0) != 0
+        p_set = tl.where(inset[None, :], p, 0.0)
+        p_rest = tl.where(inset[None, :], 0.0, p)
+        if ENT:
+            ents = alpha * (ents + shift * ls_i) + tl.sum(tl.where(inset[None, :], pd, 0.0), 1)
+        ls_i = ls_i * alpha + tl.sum(p_set, 1)
+    if ENT:
+        ent = alpha * (ent + shift * l_i) + tl.sum(pd, 1)
+    l_i = l_i * alpha + tl.sum(p, 1)
+
+    if D_TRUE != HEAD_DIM:
+        vmask = offs_d[None, :] < D_TRUE
+        if MASKED:
+            vmask = vmask & (offs_n[:, None] < Sk)
+        v = tl.load(vp, mask=vmask, other=0.0)
+    elif MASKED:
+        v = tl.load(vp, mask=offs_n[:, None] < Sk, other=0.0)
+    else:
+        v = tl.load(vp)
+    if KEY_SCALE:
+        acc = tl.dot(p_rest.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        acc_s = tl.dot(p_set.to(v.dtype), v, acc_s * alpha[:, None], input_precision=PREC)
+    else:
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+
+    if TOPK > 0 and not FAST_TOP1:
+        if KEY_SCALE:
+            tvs, tis = _topk_insert(tvs, tis, tl.where(inset[None, :], s, float("-inf")), n0,
+                                    BLOCK_N, TOPK, KPAD)
+            tv, ti = _topk_insert(tv, ti, tl.where(inset[None, :], float("-inf"), s), n0,
+                                  BLOCK_N, TOPK, KPAD)
+        else:
+            tv, ti = _topk_insert(tv, ti, s, n0, BLOCK_N, TOPK, KPAD)
+
+    if SINK:
+        sink = sink * alpha
+        if KEY_SCALE:
+            sinks = sinks * alpha
+        # Only the one or two blocks holding the first sink_k valid keys do any work.
+        if (n0 < first + sink_k) & (n0 + BLOCK_N > first):
+            sm = (offs_n >= first) & (offs_n < first + sink_k)
+            sink += tl.sum(tl.where(sm[None, :], p, 0.0), 1)
+            if KEY_SCALE:
+                sinks += tl.sum(tl.where(sm[None, :], p_set, 0.0), 1)
+
+    if NOFF > 0:
+        ocol = tl.arange(0, NOFF_PAD)[None, :]
+        for o in tl.static_range(NOFF):
+            c = tl.load(Offs + o)
+            # Key i - c of the block's first row; later rows' keys follow it.
+            tgt0 = pos_m - c
+            lo_t = tl.min(tgt0, 0)
+            if (lo_t < n0 + BLOCK_N) & (lo_t + BLOCK_M > n0):
+                hit = offs_n[None, :] == tgt0[:, None]
+                val = tl.max(tl.where(hit, s, float("-inf")), 1)
+                offs = tl.where(ocol == o, tl.maximum(offs, val[:, None]), offs)
+
+    if MATCH:
+        tk = tl.load(Tok_b + offs_n, mask=offs_n < Sk, other=NO_TOKEN)
+        eq = tok_q[:, None] == tk[None, :]
+        if MASKED or not CAUSAL:
+            eq = eq & (offs_n[None, :] < pos_m[:, None])
+        mm = mm * alpha + tl.sum(tl.where(eq, p, 0.0), 1)
+        if KEY_SCALE:
+            mms = mms * alpha + tl.sum(tl.where(eq, p_set, 0.0), 1)
+    if NEXT:
+        pmask = (offs_n >= 1) & (offs_n <= Sk)
+        tp = tl.load(Tok_b + offs_n - 1, mask=pmask, other=NO_TOKEN)
+        if HAS_KV:
+            pv = tl.load(KeyValid_b + offs_n - 1, mask=pmask, other=0)
+            tp = tl.where(pv != 0, tp, NO_TOKEN)
+        eqn = tok_q[:, None] == tp[None, :]
+        if not CAUSAL:
+            eqn = eqn & (offs_n[None, :] <= pos_m[:, None])
+        nm = nm * alpha + tl.sum(tl.where(eqn, p, 0.0), 1)
+        if KEY_SCALE:
+            nms = nms * alpha + tl.sum(tl.where(eqn, p_set, 0.0), 1)
+    if KEYSET:
+        w = tl.load(Keyset_b + offs_n, mask=offs_n < Sk, other=0).to(tl.float32)
+        km = km * alpha + tl.sum(p * w[None, :], 1)
+        if KEY_SCALE:
+            kms = kms * alpha + tl.sum(p_set * w[None, :], 1)
+    return (acc, acc_s, m_new, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis,
+            sink, sinks, offs, mm, mms, nm, nms, km, kms)
+
+
+@triton.jit
+def _combine(tot, part, cset, crest):
+    """ACT mass: beta on the set part, (1 - beta S)/(1 - S) on the rest."""
+    return cset * part + crest * (tot - part)
+
+
+@triton.jit
+def _xlogx(x):
+    return tl.where(x > 0, x * tl.log(tl.maximum(x, 1e-38)), tl.where(x == 0, 0.0, float("nan")))
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Out,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
+    H, G, Sq, Sk, OFF,
+    qk_scale, cap2, window, sink_k,
+    KeyValid, Tok, Keyset, KsKeys, KsBeta, KbKeys, KbBias, HeadMask, First, Offs,
+    LseO, EntO, AmaxO, MprobO, SinkO, OffO, MatchO, NextO, KsetO, Lse2Int, CoefInt,
+    HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KV: tl.constexpr, SOFTCAP: tl.constexpr,
+    KEY_BIAS: tl.constexpr, KEY_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_UNIFORM: tl.constexpr,
+    LSE: tl.constexpr, ENT: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr,
+    SINK: tl.constexpr, NOFF: tl.constexpr, NOFF_PAD: tl.constexpr, MATCH: tl.constexpr,
+    NEXT: tl.constexpr, KEYSET: tl.constexpr, SAVE_LSE: tl.constexpr, PREC: tl.constexpr,
+    PRESCALED: tl.constexpr, FAST_TOP1: tl.constexpr, HEAVY: tl.constexpr,
+):
+    """Grid (cdiv(Sq, BLOCK_M), B * H). Out [B, H, Sq, D] contiguous; statistics [B, H, Sq(, n)] float32.
+
+    Lse2Int [B, H, Sq]: base-2 lse for the colsum pass (+inf on rows that see nothing);
+    CoefInt [B, H, Sq, 2]: the ACT factors (set, rest) of each row.
+    """
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
+    m0 = pid_m * BLOCK_M
+    rows = m0 + tl.arange(0, BLOCK_M)
+    pos_m = OFF + rows
+    row_ok = rows < Sq
+    offs_d = tl.arange(0, HEAD_DIM)
+    b64 = b.to(tl.int64)
+    qmask = row_ok[:, None]
+    if D_TRUE != HEAD_DIM:
+        qmask = qmask & (offs_d[None, :] < D_TRUE)
+    q = tl.load(Q + b64 * sqb + h.to(tl.int64) * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=qmask, other=0.0)
+    K_bh = K + b64 * skb + hk.to(tl.int64) * skh
+    V_bh = V + b64 * svb + hk.to(tl.int64) * svh
+    kb_off = b64 * Sk
+    KeyValid_b = KeyValid + kb_off
+    Tok_b = Tok + kb_off
+    Keyset_b = Keyset + kb_off
+    KsKeys_b = KsKeys + kb_off
+    KbKeys_b = KbKeys + kb_off
+
+    zero_head = False
+    uniform = False
+    if HAS_ZERO:
+        zero_head = tl.load(HeadMask + h) != 0
+    if HAS_UNIFORM:
+        uniform = tl.load(HeadMask + h) != 0
+    bias2 = 0.0
+    if KEY_BIAS:
+        bias2 = tl.load(KbBias + h).to(tl.float32) * 1.4426950408889634
+    first = 0
+    if SINK:
+        first = tl.load(First + b)
+    tok_q = rows
+    if MATCH or NEXT:
+        tok_q = tl.load(Tok_b + pos_m, mask=row_ok, other=NO_TOKEN)
+
+    # Key blocks this query block can see, and the interior ones that need no mask.
+    pos0 = OFF + m0
+    pos_last = OFF + tl.minimum(m0 + BLOCK_M, Sq) - 1
+    hi = Sk
+    if CAUSAL:
+        hi = pos_last + 1
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(pos0 - window + 1, 0)
+        if not CAUSAL:
+            hi = tl.minimum(pos_last + window, Sk)
+    t_lo = lo // BLOCK_N
+    t_hi = (hi + BLOCK_N - 1) // BLOCK_N
+    if HAS_ZERO:
+        t_hi = tl.where(zero_head, t_lo, t_hi)
+    t_int_hi = Sk // BLOCK_N
+    if CAUSAL:
+        t_int_hi = tl.minimum(t_int_hi, pos0 // BLOCK_N)  # strictly below the diagonal
+    t_int_lo = 0
+    if HAS_WINDOW:
+        t_int_lo = (tl.maximum(pos0 + BLOCK_M - 1 - window, -1) + BLOCK_N) // BLOCK_N
+        if not CAUSAL:
+            t_int_hi = tl.minimum(t_int_hi, _floordiv(pos0 + window, BLOCK_N))
+    t_a = tl.minimum(tl.maximum(t_int_lo, t_lo), t_hi)
+    t_b = tl.minimum(tl.maximum(t_int_hi, t_a), t_hi)
+
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    acc_s = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    ls_i = tl.zeros([BLOCK_M], tl.float32)
+    ent = tl.zeros([BLOCK_M], tl.float32)
+    ents = tl.zeros([BLOCK_M], tl.float32)
+    top1 = tl.full([BLOCK_M], -1, tl.int32)
+    kcol = tl.arange(0, KPAD)[None, :]
+    tv = tl.where(kcol < TOPK, float("-inf"), float("inf")) + tl.zeros([BLOCK_M, KPAD], tl.float32)
+    ti = tl.full([BLOCK_M, KPAD], -1, tl.int32)
+    tvs = tv
+    tis = ti
+    sink = tl.zeros([BLOCK_M], tl.float32)
+    sinks = tl.zeros([BLOCK_M], tl.float32)
+    offs = tl.full([BLOCK_M, NOFF_PAD], float("-inf"), tl.float32)
+    mm = tl.zeros([BLOCK_M], tl.float32)
+    mms = tl.zeros([BLOCK_M], tl.float32)
+    nm = tl.zeros([BLOCK_M], tl.float32)
+    nms = tl.zeros([BLOCK_M], tl.float32)
+    km = tl.zeros([BLOCK_M], tl.float32)
+    kms = tl.zeros([BLOCK_M], tl.float32)
+
+    for t in range(t_lo, t_a):
+        (acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, sink, sinks, offs, mm, mms, nm, nms,
+         km, kms) = _fwd_tile(
+            t, q, K_bh, V_bh, skn, skd, svn, svd,
+            acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, sink, sinks, offs, mm, mms, nm, nms,
+            km, kms, pos_m, m0, tok_q, KeyValid_b, Tok_b, Keyset_b, KsKeys_b, KbKeys_b, Offs,
+            Sk, window, qk_scale, cap2, bias2, uniform, first, sink_k,
+            BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, True, CAUSAL, HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS,
+            HAS_UNIFORM, KEY_SCALE, ENT, TOPK, KPAD, FAST_TOP1, SINK, NOFF, NOFF_PAD, MATCH, NEXT, KEYSET,
+            PRESCALED, PREC)
+    for t in range(t_a, t_b):
+        (acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, sink, sinks, offs, mm, mms, nm, nms,
+         km, kms) = _fwd_tile(
+            t, q, K_bh, V_bh, skn, skd, svn, svd,
+            acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, sink, sinks, offs, mm, mms, nm, nms,
+            km, kms, pos_m, m0, tok_q, KeyValid_b, Tok_b, Keyset_b, KsKeys_b, KbKeys_b, Offs,
+            Sk, window, qk_scale, cap2, bias2, uniform, first, sink_k,
+            BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, False, CAUSAL, HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS,
+            HAS_UNIFORM, KEY_SCALE, ENT, TOPK, KPAD, FAST_TOP1, SINK, NOFF, NOFF_PAD, MATCH, NEXT, KEYSET,
+            PRESCALED, PREC)
+    for t in range(t_b, t_hi):
+        (acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, sink, sinks, offs, mm, mms, nm, nms,
+         km, kms) = _fwd_tile(
+            t, q, K_bh, V_bh, skn, skd, svn, svd,
+            acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, sink, sinks, offs, mm, mms, nm, nms,
+            km, kms, pos_m, m0, tok_q, KeyValid_b, Tok_b, Keyset_b, KsKeys_b, KbKeys_b, Offs,
+            Sk, window, qk_scale, cap2, bias2, uniform, first, sink_k,
+            BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, True, CAUSAL, HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS,
+            HAS_UNIFORM, KEY_SCALE, ENT, TOPK, KPAD, FAST_TOP1, SINK, NOFF, NOFF_PAD, MATCH, NEXT, KEYSET,
+            PRESCALED, PREC)
+
+    # ---- epilogue: normalise, apply ACT, write output and statistics ----
+    if HAS_KV:
+        q_ok = tl.load(KeyValid_b + pos_m, mask=row_ok, other=0) != 0
+    else:
+        q_ok = row_ok
+    valid = q_ok & (l_i > 0)
+    inv_l = tl.where(valid, 1.0 / tl.where(valid, l_i, 1.0), 0.0)
+    log2l = tl.log2(tl.where(valid, l_i, 1.0))
+    lse2 = m_i + log2l
+    if KEY_SCALE:
+        beta = tl.load(KsBeta + h).to(tl.float32)
+        S = ls_i * inv_l
+        rest = 1.0 - S
+        guard = rest <= 1e-6
+        cset = tl.where(guard, 1.0, beta)
+        crest = tl.where(guard, 1.0, (1.0 - beta * S) / tl.where(guard, 1.0, rest))
+        out = (acc_s * cset[:, None] + acc * crest[:, None]) * inv_l[:, None]
+    else:
+        out = acc * inv_l[:, None]
+    omask = row_ok[:, None]
+    if D_TRUE != HEAD_DIM:
+        omask = omask & (offs_d[None, :] < D_TRUE)
+    o_base = (pid_bh.to(tl.int64) * Sq) * D_TRUE
+    tl.store(Out + o_base + rows[:, None] * D_TRUE + offs_d[None, :], out.to(Out.dtype.element_ty), mask=omask)
+
+    NAN = float("nan")
+    srow = pid_bh.to(tl.int64) * Sq + rows
+    if LSE:
+        v_lse = tl.where(valid, lse2 * 0.6931471805599453, float("-inf"))
+        if HAS_ZERO:
+            v_lse = tl.where(zero_head, NAN, v_lse)
+        tl.store(LseO + srow, v_lse, mask=row_ok)
+    if SAVE_LSE:
+        tl.store(Lse2Int + srow, tl.where(valid, lse2, float("inf")), mask=row_ok)
+        if KEY_SCALE:
+            tl.store(CoefInt + 2 * srow, cset, mask=row_ok)
+            tl.store(CoefInt + 2 * srow + 1, crest, mask=row_ok)
+    if ENT:
+        if KEY_SCALE:
+            xs = 0.6931471805599453 * (ents * inv_l - S * log2l)
+            xr = 0.6931471805599453 * ((ent - ents) * inv_l - rest * log2l)
+            v_ent = -(S * _xlogx(cset) + rest * _xlogx(crest)) - (cset * xs + crest * xr)
+        else:
+            v_ent = 0.6931471805599453 * (log2l - ent * inv_l)
+        v_ent = tl.where(valid, v_ent, 0.0)
+        if HAS_ZERO:
+            v_ent = tl.where(zero_head, NAN, v_ent)
+        tl.store(EntO + srow, v_ent, mask=row_ok)
+    if TOPK > 0:
+        kc = tl.arange(0, KPAD)[None, :]
+        if FAST_TOP1:
+            pa = tl.where(kc == 0, tl.exp2(m_i - lse2)[:, None], -1.0)
+            ia = tl.where(kc == 0, top1[:, None], -1)
+        else:
+            if PRESCALED:
+                sa = tv
+            else:
+                sa = tv * qk_scale
+            pa = tl.where(kc < TOPK, tl.exp2(sa - lse2[:, None]), -1.0)
+            ia = ti
+            if KEY_SCALE:
+                pa = tl.where(kc < TOPK, pa * crest[:, None], -1.0)
+        pb = tl.full([BLOCK_M, KPAD], -1.0, tl.float32)
+        ib = ti
+        if KEY_SCALE:
+            if PRESCALED:
+                sb = tvs
+            else:
+                sb = tvs * qk_scale
+            pb = tl.where(kc < TOPK, tl.exp2(sb - lse2[:, None]) * cset[:, None], -1.0)
+            ib = tis
+        for r in tl.static_range(TOPK):
+            va, ja = tl.max(pa, 1, return_indices=True)
+            vb, jb = tl.max(pb, 1, return_indices=True)
+            take_a = va >= vb
+            ida = tl.sum(tl.where(kc == ja[:, None], ia, 0), 1)
+            idb = tl.sum(tl.where(kc == jb[:, None], ib, 0), 1)
+            pr = tl.where(take_a, va, vb)
+            ix = tl.where(take_a, ida, idb)
+            pa = tl.where((kc == ja[:, None]) & take_a[:, None], -1.0, pa)
+            pb = tl.where((kc == jb[:, None]) & (~take_a)[:, None], -1.0, pb)
+            ok = valid & (pr > 0)
+            pr = tl.where(ok, pr, 0.0)
+            ix = tl.where(ok, ix, -1)
+            if HAS_ZERO:
+                pr = tl.where(zero_head, NAN, pr)
+                ix = tl.where(zero_head, -1, ix)
+            tl.store(AmaxO + srow * TOPK + r, ix.to(tl.int64), mask=row_ok)
+            tl.store(MprobO + srow * TOPK + r, pr, mask=row_ok)
+    if SINK:
+        if KEY_SCALE:
+            v = _combine(sink, sinks, cset, crest)
+        else:
+            v = sink
+        v = tl.where(valid, v * inv_l, 0.0)
+        if HAS_ZERO:
+            v = tl.where(zero_head, NAN, v)
+        tl.store(SinkO + srow, v, mask=row_ok)
+    if NOFF > 0:
+        ocol = tl.arange(0, NOFF_PAD)[None, :]
+        if PRESCALED:
+            so = offs
+        else:
+            so = offs * qk_scale
+        po = tl.exp2(so - lse2[:, None])
+        if KEY_SCALE:
+            for o in tl.static_range(NOFF):
+                c = tl.load(Offs + o)
+                tgt = pos_m - c
+                ins = tl.load(KsKeys_b + tgt, mask=row_ok & (tgt >= 0) & (tgt < Sk), other=0) != 0
+                coef = tl.where(ins, cset, crest)
+                po = tl.where(ocol == o, po * coef[:, None], po)
+        po = tl.where(valid[:, None], po, 0.0)
+        if HAS_ZERO:
+            po = tl.where(zero_head, NAN, po)
+        tl.store(OffO + srow[:, None] * NOFF + ocol, po, mask=row_ok[:, None] & (ocol < NOFF))
+    if MATCH:
+        if KEY_SCALE:
+            v = _combine(mm, mms, cset, crest)
+        else:
+            v = mm
+        v = tl.where(valid, v * inv_l, 0.0)
+        if HAS_ZERO:
+            v = tl.where(zero_head, NAN, v)
+        tl.store(MatchO + srow, v, mask=row_ok)
+    if NEXT:
+        if KEY_SCALE:
+            v = _combine(nm, nms, cset, crest)
+        else:
+            v = nm
+        v = tl.where(valid, v * inv_l, 0.0)
+        if HAS_ZERO:
+            v = tl.where(zero_head, NAN, v)
+        tl.store(NextO + srow, v, mask=row_ok)
+    if KEYSET:
+        if KEY_SCALE:
+            v = _combine(km, kms, cset, crest)
+        else:
+            v = km
+        v = tl.where(valid, v * inv_l, 0.0)
+        if HAS_ZERO:
+            v = tl.where(zero_head, NAN, v)
+        tl.store(KsetO + srow, v, mask=row_ok)
+
+
+@triton.jit
+def _match_counts(
+    Tok, KeyValid, MatchC, NextC, Sq, Sk, OFF, window,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+    HAS_KV: tl.constexpr, MATCH: tl.constexpr, NEXT: tl.constexpr,
+):
+    """Grid (cdiv(Sq, BLOCK_M), B). MatchC / NextC [B, Sq] float32.
+
+    The counts depend on tokens and visibility only, not on scores: computed once per sequence
+    instead of once per head, and broadcast over heads by the caller.
+    """
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    pos_m = OFF + rows
+    row_ok = rows < Sq
+    b64 = b.to(tl.int64)
+    Tok_b = Tok + b64 * Sk
+    KeyValid_b = KeyValid + b64 * Sk
+    tok_q = tl.load(Tok_b + pos_m, mask=row_ok, other=NO_TOKEN)
+    q_ok = row_ok
+    if HAS_KV:
+        q_ok = q_ok & (tl.load(KeyValid_b + pos_m, mask=row_ok, other=0) != 0)
+    pos0 = OFF + pid_m * BLOCK_M
+    pos_last = OFF + tl.minimum(pid_m * BLOCK_M + BLOCK_M, Sq) - 1
+    hi = Sk
+    if CAUSAL:
+        hi = pos_last + 1
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(pos0 - window + 1, 0)
+        if not CAUSAL:
+            hi = tl.minimum(pos_last + window, Sk)
+    cm = tl.zeros([BLOCK_M], tl.float32)
+    cn = tl.zeros([BLOCK_M], tl.float32)
+    for t in range(lo // BLOCK_N, (hi + BLOCK_N - 1) // BLOCK_N):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        vis = (offs_n[None, :] < Sk) & q_ok[:, None]
+        if CAUSAL:
+            vis = vis & (offs_n[None, :] <= pos_m[:, None])
+        if HAS_WINDOW:
+            dist = pos_m[:, None] - offs_n[None, :]
+            if CAUSAL:
+                vis = vis & (dist < window)
+            else:
+                vis = vis & (dist < window) & (-dist < window)
+        if HAS_KV:
+            vis = vis & (tl.load(KeyValid_b + offs_n, mask=offs_n < Sk, other=0) != 0)[None, :]
+        if MATCH:
+            tk = tl.load(Tok_b + offs_n, mask=offs_n < Sk, other=NO_TOKEN)
+            eq = vis & (tok_q[:, None] == tk[None, :]) & (offs_n[None, :] < pos_m[:, None])
+            cm += tl.sum(eq.to(tl.float32), 1)
+        if NEXT:
+            pmask = (offs_n >= 1) & (offs_n <= Sk)
+            tp = tl.load(Tok_b + offs_n - 1, mask=pmask, other=NO_TOKEN)
+            if HAS_KV:
+                tp = tl.where(tl.load(KeyValid_b + offs_n - 1, mask=pmask, other=0) != 0, tp, NO_TOKEN)
+            eqn = vis & (tok_q[:, None] == tp[None, :]) & (offs_n[None, :] <= pos_m[:, None])
+            cn += tl.sum(eqn.to(tl.float32), 1)
+    if MATCH:
+        tl.store(MatchC + b64 * Sq + rows, cm, mask=row_ok)
+    if NEXT:
+        tl.store(NextC + b64 * Sq + rows, cn, mask=row_ok)
