@@ -4,6 +4,13 @@ A detector is `fn(model: HeadscopeModel, config: DetectorConfig) -> DetectorResu
 head from attention statistics (so it runs at any length), exposes its paper's parameters with the
 paper's defaults through `config.params`, and, when `config.validate`, fills
 `DetectorResult.validation` with the causal check (top-k heads vs random k heads ablated).
+
+Under `torchrun` (multi-process `headscope rank`) every process runs every detector: build the full
+prompt set from the seed, loop over `headscope.circuits.sharding.shard(prompts)` only, accumulate
+sums and counts, merge them with `sharding.all_reduce_sum` before dividing (see that module's
+docstring). In one process those calls are the identity. Raise `InputError` before any heavy work
+when `config.seq_len` is too short for the detector (optionally also expose the minimum as a
+`min_seq_len` attribute of the function, which the CLI checks before loading the model).
 """
 
 from __future__ import annotations
