@@ -36,6 +36,41 @@ def find_attention_modules(hf: torch.nn.Module, n_layers: int) -> list[torch.nn.
     return [found[i] for i in range(n_layers)]
 
 
+def check_length(meta: ModelMeta, n: int) -> None:
+    """InputError for an empty input or one longer than the model's context."""
+    if n == 0:
+        raise InputError("empty prompt: the input has no tokens.")
+    if meta.max_positions and n > meta.max_positions:
+        raise InputError(f"input of {n} tokens is longer than {meta.name}'s context "
+                         f"({meta.max_positions}); truncate it or pick a longer-context model.")
+
+
+def tokenize_texts(tokenizer, texts, meta: ModelMeta, device, *, prepend_bos: bool = False,
+                   padding_side: str = "right") -> dict[str, torch.Tensor]:
+    """Texts -> {"input_ids" [B, S], "attention_mask" [B, S]} on `device` (shared by every backend)."""
+    if tokenizer is None:
+        raise InputError("this model has no tokenizer: pass tokenizer= to load_model, or give token ids.")
+    if isinstance(texts, str):
+        texts = [texts]
+    if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
+        raise InputError("empty prompt: every text must contain at least one non-space character.")
+    tok = tokenizer
+    bos = tok.bos_token_id
+    seqs = [tok(t)["input_ids"] for t in texts]
+    if prepend_bos and bos is not None:
+        seqs = [s if s and s[0] == bos else [bos] + s for s in seqs]
+    S = max(len(s) for s in seqs)
+    check_length(meta, S)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    ids = torch.full((len(seqs), S), pad, dtype=torch.long)
+    mask = torch.zeros(len(seqs), S, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(S - len(s), S) if padding_side == "left" else slice(0, len(s))
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
 class HeadscopeModel:
     """A loaded model ready for head analysis.
 
@@ -76,34 +111,11 @@ class HeadscopeModel:
 
         prepend_bos adds the tokenizer's BOS token when it does not add one itself.
         """
-        if self.tokenizer is None:
-            raise InputError("this model has no tokenizer: pass tokenizer= to load_model, or give token ids.")
-        if isinstance(texts, str):
-            texts = [texts]
-        if not texts or any(not isinstance(t, str) or not t.strip() for t in texts):
-            raise InputError("empty prompt: every text must contain at least one non-space character.")
-        tok = self.tokenizer
-        bos = tok.bos_token_id
-        seqs = [tok(t)["input_ids"] for t in texts]
-        if prepend_bos and bos is not None:
-            seqs = [s if s and s[0] == bos else [bos] + s for s in seqs]
-        S = max(len(s) for s in seqs)
-        self.check_length(S)
-        pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-        ids = torch.full((len(seqs), S), pad, dtype=torch.long)
-        mask = torch.zeros(len(seqs), S, dtype=torch.long)
-        for i, s in enumerate(seqs):
-            sl = slice(S - len(s), S) if padding_side == "left" else slice(0, len(s))
-            ids[i, sl] = torch.tensor(s, dtype=torch.long)
-            mask[i, sl] = 1
-        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+        return tokenize_texts(self.tokenizer, texts, self.meta, self.device, prepend_bos=prepend_bos,
+                              padding_side=padding_side)
 
     def check_length(self, n: int) -> None:
-        if n == 0:
-            raise InputError("empty prompt: the input has no tokens.")
-        if self.meta.max_positions and n > self.meta.max_positions:
-            raise InputError(f"input of {n} tokens is longer than {self.meta.name}'s context "
-                             f"({self.meta.max_positions}); truncate it or pick a longer-context model.")
+        check_length(self.meta, n)
 
     def __call__(self, *args, **kwargs):
         return self.hf(*args, **kwargs)
@@ -196,3 +208,46 @@ class HeadscopeModel:
                 lst.remove(edit)
                 if not lst:
                     del self.state.edits[layer]
+
+    @contextmanager
+    def add_to_attention_output(self, layer: int, vector: torch.Tensor, positions: torch.Tensor | None = None):
+        """Add `vector` [d_model] (or one per example, [B, d_model]) to layer `layer`'s attention
+        output (after the output projection) in every forward inside the block (memory injection);
+        the hook is removed on exit.
+
+        positions: None (every position) or a bool mask [S] or [B, S] over the positions of each
+        forward call (during cached decoding a call covers only the new tokens).
+        """
+        self.meta.check_layer(layer)
+        vector = torch.as_tensor(vector)
+        if vector.dim() not in (1, 2) or vector.shape[-1] != self.meta.d_model:
+            raise InputError(f"the vector added to the attention output must have shape [d_model] or "
+                             f"[B, d_model] (d_model = {self.meta.d_model}), got {tuple(vector.shape)}.")
+        if not torch.isfinite(vector).all():
+            raise InputError("the vector added to the attention output has NaN or inf entries.")
+        if positions is not None and (positions.dtype != torch.bool or positions.dim() not in (1, 2)):
+            raise InputError("positions must be None or a bool mask [S] or [B, S].")
+
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            add = vector.to(out.device, out.dtype)
+            if add.dim() == 2:
+                if add.shape[0] != out.shape[0]:
+                    raise InputError(f"{add.shape[0]} vectors for a batch of {out.shape[0]}.")
+                add = add[:, None, :]
+            if positions is None:
+                out = out + add
+            else:
+                m = positions.to(out.device)
+                if m.shape[-1] != out.shape[1] or (m.dim() == 2 and m.shape[0] != out.shape[0]):
+                    raise InputError(f"positions mask {tuple(m.shape)} does not fit the attention output "
+                                     f"[B, S] = [{out.shape[0]}, {out.shape[1]}].")
+                m = m[None, :, None] if m.dim() == 1 else m[:, :, None]
+                out = out + m.to(out.dtype) * add
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+
+        handle = self.attention_modules[layer].register_forward_hook(hook)
+        try:
+            yield self
+        finally:
+            handle.remove()
