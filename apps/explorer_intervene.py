@@ -1,0 +1,58 @@
+"""Intervene page: ablate or calibrate heads and compare the next-token distribution before/after."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from . import explorer_cache as C
+from . import explorer_state as S
+from .explorer_figures import top_tokens_bars
+
+MODES = ("zero ablation", "uniform ablation", "ACT calibration")
+
+
+def _intervention(model, heads, mode: str, beta: float):
+    """The context manager that applies the chosen intervention, or None with an in-page note."""
+    from headscope.circuits import ablate_heads
+
+    if mode != "ACT calibration":
+        return ablate_heads(model, heads, mode=mode.split()[0])
+    try:
+        from headscope.circuits.calibration import calibrate_heads
+    except ImportError:
+        st.info("ACT calibration (headscope.circuits.calibration) is not in this version of headscope yet.")
+        return None
+    return calibrate_heads(model, heads, beta=beta)
+
+
+def render_intervene() -> None:
+    model = C.current_model()
+    meta = model.meta
+    default = f"{st.session_state.get('sel_layer', 0)}.{st.session_state.get('sel_head', 0)}"
+    text = st.text_input("Heads (layer.head, comma separated)", value=default, key="iv_heads")
+    mode = st.radio("Intervention", MODES, horizontal=True, key="iv_mode")
+    beta = st.slider("beta (ACT: attention on sink tokens is scaled by beta)", 0.05, 1.0, 0.4, 0.05,
+                     key="iv_beta") if mode == "ACT calibration" else 1.0
+    if not st.button("Apply and compare", key="iv_run", type="primary"):
+        st.caption("The next-token distribution after the prompt, before and after the intervention.")
+        return
+    heads = S.parse_heads(text, meta.n_layers, meta.n_heads)
+    ids, _ = S.encode_prompt(model, st.session_state.get("prompt", ""))
+    progress = st.progress(0.0, text="forward without intervention...")
+    before = S.next_token_probs(model, ids)
+    context = _intervention(model, heads, mode, beta)
+    if context is None:
+        progress.empty()
+        return
+    progress.progress(0.5, text=f"forward with {mode} of {len(heads)} head(s)...")
+    with context:
+        after = S.next_token_probs(model, ids)
+    progress.progress(1.0, text="done")
+    table = S.compare_top(model.tokenizer, before, after, k=10)
+    c = st.columns(3)
+    c[0].metric("KL(before || after) nats", f"{S.kl_divergence(before, after):.4g}")
+    c[1].metric("top-1 before", table.loc[table["rank_before"] == 1, "token"].iloc[0])
+    after_top = S.compare_top(model.tokenizer, after, after, k=1)["token"].iloc[0]
+    c[2].metric("top-1 after", after_top)
+    st.plotly_chart(top_tokens_bars(table, f"{mode} of {', '.join(f'L{l}H{h}' for l, h in heads)}"), key="iv_fig")
+    st.dataframe(table, hide_index=True, key="iv_table")
