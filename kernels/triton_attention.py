@@ -86,10 +86,17 @@ _colsum_tuned = triton.autotune(
 
 
 
+# Test hooks. Tiles used under the interpreter (tests vary them so that BLOCK_M != BLOCK_N and the
+# interior / edge block split is exercised), and poisoning: when True every output is allocated
+# filled with NaN (argmax with -7777) so that an element the kernel forgets to write cannot pass.
+INTERPRET_TILES = (16, 16)
+POISON_OUTPUTS = False
+
+
 def _small_config(interp: bool, head_dim: int) -> dict:
     """Fixed tiles for the interpreter (tiny, fast to emulate) and for short query blocks (decoding)."""
     if interp:
-        return {"BLOCK_M": 16, "BLOCK_N": 16}
+        return {"BLOCK_M": INTERPRET_TILES[0], "BLOCK_N": INTERPRET_TILES[1]}
     return {"BLOCK_M": 16, "BLOCK_N": 64 if head_dim >= 256 else 128}
 
 
@@ -170,12 +177,17 @@ def attention_triton(
     noff = len(request.offsets)
     offs = torch.tensor(request.offsets or (0,), dtype=torch.int32, device=dev)
 
-    out = torch.empty(B, H, Sq, D, dtype=q.dtype, device=dev)
+    def empty(*shape, dtype=torch.float32):
+        t = torch.empty(*shape, dtype=dtype, device=dev)
+        if POISON_OUTPUTS:
+            t.fill_(-7777 if not dtype.is_floating_point else math.nan)
+        return t
+
+    out = empty(B, H, Sq, D, dtype=q.dtype)
     stats: dict[str, torch.Tensor] = {}
 
     def alloc(name, *shape, dtype=torch.float32):
-        t = torch.empty(*shape, dtype=dtype, device=dev)
-        stats[name] = t
+        stats[name] = t = empty(*shape, dtype=dtype)
         return t
 
     lse_o = alloc("lse", B, H, Sq) if request.lse else dummy_f
@@ -188,8 +200,8 @@ def attention_triton(
     match_o = alloc("match_mass", B, H, Sq) if request.match else dummy_f
     next_o = alloc("next_match_mass", B, H, Sq) if request.next_match else dummy_f
     kset_o = alloc("keyset_mass", B, H, Sq) if request.keyset else dummy_f
-    lse2_int = torch.empty(B, H, Sq, **f32) if request.colsum else dummy_f
-    coef_int = torch.empty(B, H, Sq, 2, **f32) if (request.colsum and key_scale is not None) else dummy_f
+    lse2_int = empty(B, H, Sq) if request.colsum else dummy_f
+    coef_int = empty(B, H, Sq, 2) if (request.colsum and key_scale is not None) else dummy_f
 
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     flags = dict(
@@ -223,8 +235,8 @@ def attention_triton(
         _fwd_tuned[grid](*fwd_args, **fwd_flags, HEAVY=heavy)
 
     if request.match or request.next_match:
-        mc = torch.empty(B, Sq, **f32) if request.match else dummy_f
-        nc = torch.empty(B, Sq, **f32) if request.next_match else dummy_f
+        mc = empty(B, Sq) if request.match else dummy_f
+        nc = empty(B, Sq) if request.next_match else dummy_f
         bm = 16 if interp else 64
         _match_counts[(triton.cdiv(Sq, bm), B)](
             tok, kv_u8, mc, nc, Sq, Sk, OFF, int(window or 0),
@@ -240,7 +252,7 @@ def attention_triton(
             stats[name] = full
 
     if request.colsum:
-        colsum = torch.empty(B, H, Sk, **f32)
+        colsum = empty(B, H, Sk)
         cs_args = (q, k, lse2_int, coef_int, colsum, *q.stride(), *k.stride(),
                    H, G, Sq, Sk, OFF, qk_scale, cap2, int(window or 0),
                    kv_u8, ks_keys, kb_keys, kb_bias, hmask)
