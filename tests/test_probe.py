@@ -1,0 +1,144 @@
+"""Recorder hygiene (logits, hooks, attention implementation), persistence, bad input, cached decoding."""
+
+import pytest
+import torch
+
+from headscope.kernels.errors import HeadscopeError
+from headscope.probe import (DeviceError, HeadIndexError, InputError, PatternMemoryError, Recording, StatsRequest,
+                             load_model)
+
+TEXT = "Alice gave Bob a book because Bob likes to read books."
+
+
+def _hook_counts(hf):
+    return {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in hf.named_modules()}
+
+
+def test_logits_unchanged_and_no_hook_left(model):
+    batch = model.tokenize([TEXT, "Short one."], prepend_bos=True)
+    hooks_before = _hook_counts(model.hf)
+    impl_before = model.hf.config._attn_implementation
+    with torch.no_grad():
+        before = model(**batch).logits
+        with model.record(StatsRequest.all(), patterns=[3], head_out=[1], qkv=[2]) as rec:
+            during = model(**batch).logits
+        after = model(**batch).logits
+        with pytest.raises(RuntimeError, match="boom"):  # an exception inside the block cleans up too
+            with model.record(StatsRequest(entropy=True)):
+                raise RuntimeError("boom")
+        after_error = model(**batch).logits
+    assert torch.equal(before, after) and torch.equal(before, after_error)
+    # recording computes the same attention exactly in float32, in another order than SDPA
+    real = batch["attention_mask"].bool()
+    assert (during - before)[real].abs().max() < 1e-4
+    assert _hook_counts(model.hf) == hooks_before
+    assert model.hf.config._attn_implementation == impl_before
+    assert rec.stats["entropy"].shape == (2, model.meta.n_layers, model.meta.n_heads, batch["input_ids"].shape[1])
+
+
+def test_save_load_round_trip(model, tmp_path):
+    batch = model.tokenize([TEXT, "A second, shorter text."], prepend_bos=True, padding_side="left")
+    keyset = torch.zeros_like(batch["attention_mask"], dtype=torch.bool)
+    keyset[:, -3:] = True
+    req = StatsRequest.all(topk=3, sink_k=2, offsets=(1, 2, 5), keyset=True)
+    _, rec = model.run_recorded(batch["input_ids"], batch["attention_mask"], req,
+                                patterns={"layers": [0, 4], "heads": [1, 8]}, head_out=[2], qkv=[5], keyset=keyset)
+    rec.info["note"] = "round trip"
+    back = Recording.load(rec.save(tmp_path / "rec"))
+    assert back.meta == rec.meta and back.request == rec.request
+    for f in ("pattern_layers", "pattern_heads", "head_out_layers", "qkv_layers", "backend", "info"):
+        assert getattr(back, f) == getattr(rec, f), f
+    for f in ("tokens", "attention_mask", "patterns", "head_out", "q", "k", "v"):
+        a, b = getattr(rec, f), getattr(back, f)
+        assert a is not None and a.dtype == b.dtype and torch.equal(a, b), f
+    assert sorted(back.stats) == sorted(rec.stats)
+    for k, v in rec.stats.items():
+        assert v.dtype == back.stats[k].dtype and torch.equal(v.nan_to_num(), back.stats[k].nan_to_num()), k
+    assert torch.equal(back.pattern(4, 8), rec.pattern(4, 8))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a file")
+    with pytest.raises(HeadscopeError, match="cannot read recording"):
+        Recording.load(tmp_path / "junk.safetensors")
+
+
+def test_empty_prompt(model):
+    for bad in ("", "   ", []):
+        with pytest.raises(InputError, match="empty prompt"):
+            model.tokenize(bad)
+    with pytest.raises(InputError, match="empty prompt"):
+        with model.record(StatsRequest(entropy=True)):
+            model(input_ids=torch.zeros(1, 0, dtype=torch.long))
+
+
+def test_prompt_longer_than_context(model):
+    n = model.meta.max_positions + 1
+    with pytest.raises(InputError, match=f"input of \\d+ tokens is longer than .*context \\({model.meta.max_positions}\\)"):
+        model.tokenize("hello " * n)
+    # the recorder refuses before the forward starts
+    with pytest.raises(InputError, match="longer than"):
+        with model.record(StatsRequest(entropy=True)):
+            model(input_ids=torch.ones(1, n, dtype=torch.long))
+
+
+def test_layer_and_head_out_of_range(model):
+    from headscope.circuits.ablation import ablate_heads
+
+    L, H = model.meta.n_layers, model.meta.n_heads
+    batch = model.tokenize(TEXT)
+    _, rec = model.run_recorded(batch["input_ids"], None, StatsRequest(entropy=True), patterns=[0], head_out=[0])
+    cases = [
+        lambda: rec.stat("entropy", layer=L),
+        lambda: rec.stat("entropy", layer=0, head=H),
+        lambda: rec.pattern(0, H),
+        lambda: rec.pattern(-1, 0),
+        lambda: rec.z(L),
+        lambda: model.record(patterns=[L]).__enter__(),
+        lambda: model.record(head_out=[-1]).__enter__(),
+        lambda: model.record(patterns={"layers": [0], "heads": [H]}).__enter__(),
+        lambda: model.record(stop_after_layer=L + 5).__enter__(),
+        lambda: ablate_heads(model, [(L, 0)]).__enter__(),
+        lambda: ablate_heads(model, [(0, H)]).__enter__(),
+    ]
+    for i, case in enumerate(cases):
+        with pytest.raises(HeadIndexError, match="out of range"):
+            case()
+    assert model.state.recorder is None and not model.state.edits
+    with pytest.raises(HeadIndexError, match="not recorded"):
+        rec.pattern(1, 0)
+
+
+def test_cuda_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(DeviceError, match="no CUDA GPU.*device='cpu'"):
+        load_model(device="cuda")
+
+
+def test_patterns_that_do_not_fit_are_refused_before_allocating(model):
+    with pytest.raises(PatternMemoryError, match=r"need .* GiB \(\d+ bytes\)"):
+        with model.record(StatsRequest(entropy=True), patterns=True, max_pattern_bytes=10_000):
+            model(**model.tokenize(TEXT))
+    # default budget = share of available memory: a huge batch is refused at the pre-hook, before
+    # any attention runs (the forward would otherwise need petabytes)
+    ids = torch.ones(4096, 1024, dtype=torch.long)
+    need = 4096 * model.meta.n_layers * model.meta.n_heads * 1024 * 1024 * 4
+    with pytest.raises(PatternMemoryError, match=f"\\({need} bytes\\)"):
+        with model.record(StatsRequest(entropy=True), patterns=True):
+            model(input_ids=ids)
+    assert model.state.recorder is None
+
+
+def test_cached_generate_equals_one_forward(model):
+    batch = model.tokenize("The capital of France is", prepend_bos=True)
+    req = StatsRequest.all(topk=2, offsets=(1, 2))
+    with torch.no_grad(), model.record(req, patterns=[5]) as rec:
+        out = model.generate(**batch, max_new_tokens=5, do_sample=False)
+    # the last generated token is never fed back, so the recording covers all but it
+    seq = out[:, :-1]
+    assert torch.equal(rec.tokens, seq)
+    _, ref = model.run_recorded(seq, torch.ones_like(seq), req, patterns=[5])
+    for name, t in ref.stats.items():
+        if name == "argmax":
+            assert (rec.stats[name] == t).float().mean() > 0.999
+        else:
+            assert (rec.stats[name] - t).abs().max() < 1e-4, name
+    assert (rec.patterns - ref.patterns).abs().max() < 1e-4
