@@ -1,0 +1,185 @@
+"""What `headscope rank` runs: command-line flags merged over a --config TOML file, and the
+`DetectorConfig` each detector receives.
+
+Config file (every key optional; command-line flags win over it):
+
+    model = "/path/to/local/model"      # or a hub id; absent = the embedded SmolLM2
+    kinds = ["sink", "previous_token"]  # detectors to run (the --detectors flag)
+    seq_len = 64
+    n_prompts = 16
+    batch_size = 8
+    device = "cpu"
+    dtype = "float32"
+    seed = 0
+    top_k = 8
+    n_random = 5
+    validate = true
+    out = "headscope-report"
+    prompts = "my_prompts.txt"
+
+    [detectors.sink]                    # per-detector: DetectorConfig fields or the detector's params
+    eps = 0.3
+    [detectors.retrieval]
+    seq_len = 8192
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass, field
+
+import torch
+
+from headscope.circuits.detectors import DetectorConfig, get_detector
+from headscope.circuits.scores import KINDS
+from headscope.probe.errors import InputError
+
+from .errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+# Per-kind sizes for the default `headscope rank` run, chosen so that all six detectors finish in
+# under 3 minutes on a 2-core CPU (benchmarks/rank_bench.py); explicit flags or config values win.
+CLI_DEFAULTS: dict[str, dict] = {}
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(DetectorConfig)} - {"params", "progress"}
+_TOP_LEVEL = {"model", "kinds", "seq_len", "n_prompts", "batch_size", "device", "device_map", "dtype", "seed",
+              "top_k", "n_random", "validate", "out", "prompts", "quiet", "detectors"}
+
+
+@dataclass
+class RankOptions:
+    """Resolved options of one `headscope rank` run."""
+
+    model: str | None = None
+    kinds: list[str] = field(default_factory=lambda: list(KINDS))
+    seq_len: int | None = None
+    n_prompts: int | None = None
+    batch_size: int | None = None
+    device: str = "cpu"
+    device_map: str | None = None
+    dtype: str = "float32"
+    seed: int = 0
+    top_k: int = 8
+    n_random: int = 5
+    validate: bool = True
+    out: str = "headscope-report"
+    prompts: str | None = None
+    quiet: bool = False
+    per_kind: dict[str, dict] = field(default_factory=dict)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def detector_config(self, kind: str) -> DetectorConfig:
+        """The DetectorConfig for one kind: CLI/top-level values over [detectors.<kind>] values over
+        CLI_DEFAULTS; keys that are not DetectorConfig fields go to `params`."""
+        table = {**CLI_DEFAULTS.get(kind, {}), **self.per_kind.get(kind, {})}
+        cfg = {k: v for k, v in table.items() if k in _CONFIG_FIELDS}
+        params = {k: v for k, v in table.items() if k not in _CONFIG_FIELDS}
+        for name in ("seq_len", "n_prompts", "batch_size"):
+            if getattr(self, name) is not None:
+                cfg[name] = getattr(self, name)
+        cfg.update(seed=self.seed, top_k=self.top_k, n_random=self.n_random, validate=self.validate,
+                   progress=not self.quiet, prompts_file=self.prompts)
+        return DetectorConfig(**cfg, params=params)
+
+
+def read_config_file(path: str) -> dict:
+    """Parse a --config TOML file into a flat dict of RankOptions fields."""
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist.") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path!r}: {exc.strerror or exc}.") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}.") from None
+    unknown = set(data) - _TOP_LEVEL
+    if unknown:
+        raise ConfigError(f"config file {path!r}: unknown key(s) {', '.join(sorted(unknown))}; "
+                          f"known: {', '.join(sorted(_TOP_LEVEL))}.")
+    per_kind = data.pop("detectors", {})
+    if not isinstance(per_kind, dict) or any(not isinstance(v, dict) for v in per_kind.values()):
+        raise ConfigError(f"config file {path!r}: per-detector settings go in [detectors.<kind>] tables, "
+                          "and the list of detectors to run is `kinds = [...]`.")
+    for kind in per_kind:
+        if kind not in KINDS:
+            raise ConfigError(f"config file {path!r}: [detectors.{kind}] names no detector; "
+                              f"choose from {', '.join(KINDS)}.")
+    data["per_kind"] = per_kind
+    return data
+
+
+def parse_kinds(value) -> list[str]:
+    """'sink,induction' or ["sink", "induction"] or 'all' -> validated kind list (order kept, no repeats)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    kinds = [k.strip().replace("-", "_") for k in items if str(k).strip()]
+    if kinds == ["all"]:
+        return list(KINDS)
+    if not kinds:
+        raise InputError("--detectors is empty; name at least one of " + ", ".join(KINDS) + ".")
+    for k in kinds:
+        if k not in KINDS:
+            raise InputError(f"unknown detector {k!r}; choose from {', '.join(KINDS)} (or 'all').")
+    return list(dict.fromkeys(kinds))
+
+
+def resolve(args) -> RankOptions:
+    """argparse Namespace (None = flag not given) over the --config file over defaults."""
+    values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    for name in _TOP_LEVEL - {"kinds", "detectors"}:
+        flag = getattr(args, name, None)
+        if flag is not None:
+            values[name] = flag
+    if getattr(args, "detectors", None) is not None:
+        values["kinds"] = args.detectors
+    opts = RankOptions(**values)
+    opts.kinds = parse_kinds(opts.kinds)
+    _check(opts)
+    return opts
+
+
+def _check(opts: RankOptions) -> None:
+    for name in ("seq_len", "n_prompts", "batch_size", "top_k", "n_random"):
+        v = getattr(opts, name)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ConfigError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}.")
+    if not isinstance(opts.seed, int) or isinstance(opts.seed, bool):
+        raise ConfigError(f"seed must be an integer, got {opts.seed!r}.")
+    if opts.dtype not in DTYPES:
+        raise ConfigError(f"dtype {opts.dtype!r} is not one of {', '.join(DTYPES)}.")
+    if opts.device_map not in (None, "auto"):
+        raise ConfigError(f"device-map must be 'auto' (or absent), got {opts.device_map!r}.")
+    for kind in opts.kinds:
+        try:
+            detector = get_detector(kind)
+        except ModuleNotFoundError as exc:
+            if not (exc.name or "").startswith("headscope."):
+                raise
+            raise InputError(f"the {kind} detector is not available in this installation ({exc}).") from None
+        minimum = getattr(detector, "min_seq_len", None)
+        seq_len = opts.detector_config(kind).seq_len
+        if minimum is not None and seq_len is not None and seq_len < minimum:
+            raise InputError(f"--seq-len {seq_len} is too short for the {kind} detector: it needs at least "
+                             f"{minimum} tokens.")
+    if opts.prompts is not None:
+        check_prompt_file(opts.prompts)
+
+
+def check_prompt_file(path: str) -> None:
+    """Refuse a prompt file we cannot read as UTF-8 text, or one without any text, before any work."""
+    if not os.path.isfile(path):
+        raise InputError(f"prompt file {path!r} does not exist or is not a regular file.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise InputError(f"cannot read prompt file {path!r}: {exc.strerror or exc}.") from None
+    except UnicodeDecodeError:
+        raise InputError(f"prompt file {path!r} is not UTF-8 text (give a .txt or .jsonl file).") from None
+    if not text.strip():
+        raise InputError(f"prompt file {path!r} is empty.")

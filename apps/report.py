@@ -1,0 +1,158 @@
+"""The `headscope rank` HTML report: one self-contained file (plotly.js inlined once).
+
+Per head kind: a layer x head heatmap of the scores, the top-k table, the causal-validation bars
+(damage from ablating the top-k heads vs each random k-head set), the model-level findings of the
+detector's `summary` (e.g. Sink_1^eps), the plain verdict, and attention-pattern thumbnails of
+the top heads on a short prompt.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+import numpy as np
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from headscope.circuits.scores import DetectorResult, score_grid
+from headscope.probe import ModelMeta
+
+from .rank_output import jsonable
+
+
+@dataclass
+class Thumbnail:
+    """Attention pattern of one head on the thumbnail prompt: probs [S, S] (query rows, key columns)."""
+
+    layer: int
+    head: int
+    tokens: list[str]
+    probs: np.ndarray
+
+
+class _Figures:
+    """Renders figures as HTML fragments, inlining plotly.js into the first one only."""
+
+    def __init__(self):
+        self.first = True
+
+    def __call__(self, fig: go.Figure) -> str:
+        out = fig.to_html(full_html=False, include_plotlyjs=self.first, config={"displaylogo": False})
+        self.first = False
+        return out
+
+
+def heatmap(result: DetectorResult, meta: ModelMeta) -> go.Figure:
+    grid = score_grid(result.scores, meta.n_layers, meta.n_heads)
+    fig = go.Figure(go.Heatmap(z=grid, x=list(range(meta.n_heads)), y=list(range(meta.n_layers)),
+                               colorscale="Viridis", colorbar=dict(title="score"),
+                               hovertemplate="layer %{y} head %{x}<br>score %{z:.4g}<extra></extra>"))
+    fig.update_layout(title=f"{result.kind}: score of every head", xaxis_title="head", yaxis_title="layer",
+                      height=max(320, 14 * meta.n_layers + 120), width=max(360, 40 * meta.n_heads + 200),
+                      margin=dict(l=50, r=20, t=50, b=40))
+    fig.update_yaxes(autorange="reversed", dtick=max(1, meta.n_layers // 15))
+    return fig
+
+
+def validation_bars(result: DetectorResult) -> go.Figure:
+    v = result.validation
+    names = [f"top-{v.k}"] + [f"random {i + 1}" for i in range(len(v.random_k_damage))]
+    values = [v.top_k_damage] + list(v.random_k_damage)
+    colors = ["#d62728"] + ["#7f7f7f"] * len(v.random_k_damage)
+    fig = go.Figure(go.Bar(x=names, y=values, marker_color=colors,
+                           hovertemplate="%{x}: %{y:.4g}<extra></extra>"))
+    if v.random_k_damage:
+        fig.add_hline(y=v.random_median, line_dash="dash", annotation_text="random median")
+    fig.update_layout(title=f"{result.kind}: damage when {v.k} heads are ablated", yaxis_title=v.metric,
+                      height=300, width=520, margin=dict(l=60, r=20, t=50, b=40))
+    return fig
+
+
+def thumbnails(kind: str, thumbs: list[Thumbnail]) -> go.Figure:
+    fig = make_subplots(rows=1, cols=len(thumbs), subplot_titles=[f"L{t.layer}H{t.head}" for t in thumbs],
+                        horizontal_spacing=0.04)
+    for i, t in enumerate(thumbs, start=1):
+        labels = [f"{j}:{tok}" for j, tok in enumerate(t.tokens)]
+        fig.add_trace(go.Heatmap(z=t.probs, x=labels, y=labels, colorscale="Blues", zmin=0, zmax=1,
+                                 showscale=False,
+                                 hovertemplate="query %{y}<br>key %{x}<br>p = %{z:.3f}<extra></extra>"),
+                      row=1, col=i)
+        fig.update_yaxes(autorange="reversed", showticklabels=False, row=1, col=i)
+        fig.update_xaxes(showticklabels=False, row=1, col=i)
+    fig.update_layout(title=f"{kind}: attention of the top heads on a short prompt (rows: queries, columns: keys)",
+                      height=260, width=min(1100, 220 * len(thumbs) + 80), margin=dict(l=20, r=20, t=70, b=20))
+    return fig
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return f"{x:.4g}"
+    if isinstance(x, list) and len(x) > 12:
+        return f"[{', '.join(_fmt(v) for v in x[:12])}, ... ({len(x)} values)]"
+    if isinstance(x, list):
+        return "[" + ", ".join(_fmt(v) for v in x) + "]"
+    return str(x)
+
+
+def top_table(result: DetectorResult, k: int) -> str:
+    best = result.scores.sort_values("rank").head(k)
+    extra = [c for c in best.columns if c not in ("kind", "layer", "head", "score", "rank") and best[c].notna().any()]
+    rows = [[int(r["rank"]), int(r["layer"]), int(r["head"]), _fmt(float(r["score"]))] + [_fmt(jsonable(r[c])) for c in extra]
+            for _, r in best.iterrows()]
+    return _table(rows, ["rank", "layer", "head", "score"] + extra)
+
+
+def findings(summary: dict) -> str:
+    items = jsonable(summary)
+    if not items:
+        return ""
+    lis = "".join(f"<li><b>{html.escape(str(k))}</b>: {html.escape(_fmt(v))}</li>" for k, v in items.items())
+    return f"<h3>Model-level findings</h3><ul>{lis}</ul>"
+
+
+_STYLE = """
+body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1150px;color:#222}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 8px;text-align:right}
+th{background:#f3f3f3}.verdict{padding:.5em 1em;border-left:4px solid #2ca02c;background:#f4fbf4}
+.verdict.fail{border-color:#d62728;background:#fdf3f3}section{margin-bottom:3em}
+.row{display:flex;flex-wrap:wrap;gap:1em;align-items:flex-start}
+"""
+
+
+def render_report(meta: ModelMeta, results: dict[str, DetectorResult], *, top_k: int = 8,
+                  thumbs: dict[str, list[Thumbnail]] | None = None, run_info: dict | None = None) -> str:
+    """The whole report as one HTML string (needs no network: plotly.js is inside)."""
+    fig = _Figures()
+    info = run_info or {}
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>headscope report: {html.escape(meta.name)}</title>"
+             f"<style>{_STYLE}</style></head><body>",
+             f"<h1>Attention heads of {html.escape(meta.name)}</h1>",
+             f"<p>{meta.n_layers} layers x {meta.n_heads} heads ({meta.n_kv_heads} key/value heads), head_dim "
+             f"{meta.head_dim}. Detectors: {', '.join(results)}.</p>"]
+    if info:
+        parts.append("<details><summary>Run settings and timing</summary>"
+                     + _table([[k, _fmt(v)] for k, v in jsonable(info).items()], ["setting", "value"]) + "</details>")
+    for kind, r in results.items():
+        parts.append(f"<section id='{kind}'><h2>{html.escape(kind)}</h2>")
+        if r.validation is not None:
+            cls = "verdict" if r.validation.passed else "verdict fail"
+            parts.append(f"<p class='{cls}'>Causal check: {html.escape(r.validation.verdict())}</p>")
+        else:
+            parts.append("<p class='verdict fail'>No causal check was run for this kind.</p>")
+        parts.append("<div class='row'>" + fig(heatmap(r, meta)))
+        parts.append(f"<div><h3>Top {top_k} heads</h3>{top_table(r, top_k)}</div></div>")
+        if r.validation is not None:
+            parts.append(fig(validation_bars(r)))
+        parts.append(findings(r.summary))
+        if thumbs and thumbs.get(kind):
+            parts.append(fig(thumbnails(kind, thumbs[kind])))
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)

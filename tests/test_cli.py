@@ -1,0 +1,197 @@
+"""`headscope rank` end to end: outputs and their schema, determinism, bad input, atomic reports,
+and multi-process runs (torchrun, gloo) that match one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from headscope.apps import rank as rank_mod
+from headscope.apps.cli import main
+from headscope.circuits import detectors
+from headscope.circuits.detectors import DetectorConfig
+
+import cli_fake_detectors as fakes
+
+HERE = Path(__file__).parent
+VENV_BIN = Path(sys.executable).parent
+SMALL = ["--seq-len", "16", "--n-prompts", "3", "--batch-size", "2", "--top-k", "4", "--n-random", "2", "--quiet"]
+
+
+@pytest.fixture
+def fake_registry(monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE))
+    for kind, target in fakes.FAKES.items():
+        monkeypatch.setitem(detectors._DETECTORS, kind, target)
+
+
+@pytest.fixture
+def shared_model(model, monkeypatch):
+    """Reuse the session's model instead of loading it again in every CLI call."""
+    monkeypatch.setattr(rank_mod, "load_model", lambda *a, **k: model)
+    return model
+
+
+def run_cli(*args) -> int:
+    return main(["rank", *args])
+
+
+def test_rank_writes_report_with_schema(tmp_path, fake_registry, shared_model, capsys):
+    out = tmp_path / "report"
+    assert run_cli("--detectors", "sink,previous_token", "--out", str(out), *SMALL) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["heads.csv", "heads.json", "report.html", "run.json"]
+    doc = json.loads((out / "heads.json").read_text())
+    assert {"model", "n_layers", "n_heads", "scores", "validation"} <= set(doc)
+    assert (doc["n_layers"], doc["n_heads"]) == (30, 9)
+    assert len(doc["scores"]) == 2 * 30 * 9
+    for row in doc["scores"]:
+        assert {"kind", "layer", "head", "score", "rank"} <= set(row)
+    for kind in ("sink", "previous_token"):
+        v = doc["validation"][kind]
+        assert {"k", "top_k_damage", "random_k_damage", "metric"} <= set(v) and v["k"] == 4
+        assert v["random_k_damage"] == pytest.approx(np.median(v["random_k_damage_all"]))
+    # The JSON scores are the detector's own numbers, ranked: compare with a direct call.
+    direct = fakes.fake_previous_token(shared_model, DetectorConfig(seq_len=16, n_prompts=3, batch_size=2, top_k=4,
+                                                                    validate=False))
+    got = pd.DataFrame([r for r in doc["scores"] if r["kind"] == "previous_token"])
+    merged = got.merge(direct.scores, on=["layer", "head"], suffixes=("", "_direct"))
+    np.testing.assert_allclose(merged["score"], merged["score_direct"], rtol=0, atol=1e-12)
+    assert (merged["rank"] == merged["rank_direct"]).all()
+    # The CSV holds the same rows.
+    csv = pd.read_csv(out / "heads.csv")
+    assert len(csv) == len(doc["scores"]) and set(csv["kind"]) == {"sink", "previous_token"}
+    # One self-contained HTML: plotly.js inlined exactly once, one heatmap per kind, thumbnails, verdicts.
+    html = (out / "report.html").read_text()
+    assert html.count("plotly.js v") == 1 or html.count("* plotly.js") == 1
+    assert "<script src=" not in html
+    assert html.count("score of every head") == 2
+    assert "attention of the top heads" in html and "Causal check" in html
+    assert "sink_1_eps" in html
+    printed = capsys.readouterr().out
+    assert "previous_token:" in printed and "report:" in printed
+    run = json.loads((out / "run.json").read_text())
+    assert run["timing"]["total_s"] > 0
+
+
+def test_same_seed_same_json_bytes(tmp_path, fake_registry, shared_model):
+    outs = [tmp_path / "a", tmp_path / "b", tmp_path / "c"]
+    for out, seed in zip(outs, ("3", "3", "4")):
+        assert run_cli("--detectors", "previous_token", "--no-validate", "--seed", seed, "--out", str(out), *SMALL) == 0
+    a, b, c = ((o / "heads.json").read_bytes() for o in outs)
+    assert a == b
+    assert a != c  # the seed reaches the prompts
+
+
+def test_config_file_and_flags(tmp_path, fake_registry, shared_model):
+    cfg = tmp_path / "rank.toml"
+    cfg.write_text('kinds = ["previous_token"]\nseq_len = 12\nseed = 5\ntop_k = 3\nvalidate = false\n'
+                   f'out = "{tmp_path / "from_file"}"\n[detectors.previous_token]\nn_prompts = 2\n')
+    flags = ["--config", str(cfg), "--quiet"]
+    assert run_cli(*flags) == 0
+    doc = json.loads((tmp_path / "from_file" / "heads.json").read_text())
+    assert {r["kind"] for r in doc["scores"]} == {"previous_token"} and doc["validation"] == {}
+    run = json.loads((tmp_path / "from_file" / "run.json").read_text())
+    cfg_used = run["detector_configs"]["previous_token"]
+    assert (cfg_used["seq_len"], cfg_used["n_prompts"], cfg_used["seed"], cfg_used["top_k"]) == (12, 2, 5, 3)
+    # A flag overrides the file.
+    assert run_cli(*flags, "--seq-len", "10", "--out", str(tmp_path / "flag")) == 0
+    run = json.loads((tmp_path / "flag" / "run.json").read_text())
+    assert run["detector_configs"]["previous_token"]["seq_len"] == 10
+
+
+@pytest.mark.parametrize("case", ["unknown_detector", "seq_len_too_short", "seq_len_too_short_at_run",
+                                  "unwritable_out", "missing_prompts", "binary_prompts", "bad_config",
+                                  "model_cannot_load"])
+def test_bad_input_message_and_exit_code(case, tmp_path, fake_registry, request, capsys):
+    if case != "model_cannot_load":
+        request.getfixturevalue("shared_model")
+    out = tmp_path / "out"
+    args = {
+        "unknown_detector": ["--detectors", "sink,inductoin"],
+        "seq_len_too_short": ["--detectors", "sink", "--seq-len", "4"],
+        "seq_len_too_short_at_run": ["--detectors", "previous_token", "--seq-len", "2"],
+        "unwritable_out": ["--detectors", "sink", "--out", str(tmp_path / "file.txt" / "report")],
+        "missing_prompts": ["--detectors", "sink", "--prompts", str(tmp_path / "nope.txt")],
+        "binary_prompts": ["--detectors", "sink", "--prompts", str(tmp_path / "bin.txt")],
+        "bad_config": ["--config", str(tmp_path / "bad.toml")],
+        "model_cannot_load": ["--detectors", "sink", "--model", str(tmp_path / "no_such_model")],
+    }[case]
+    (tmp_path / "file.txt").write_text("x")
+    (tmp_path / "bin.txt").write_bytes(b"\xff\xfe\x00\x81" * 10)
+    (tmp_path / "bad.toml").write_text("seq_len = 8\ncolour = 'red'\n")
+    expected = {"unknown_detector": "unknown detector 'inductoin'", "seq_len_too_short": "too short for the sink",
+                "seq_len_too_short_at_run": "too short for previous_token", "unwritable_out": "cannot write the report",
+                "missing_prompts": "does not exist", "binary_prompts": "not UTF-8", "bad_config": "unknown key(s) colour",
+                "model_cannot_load": "does not exist"}[case]
+    if "--out" not in args:
+        args = args + ["--out", str(out)]
+    code = run_cli(*SMALL, *args)
+    err = capsys.readouterr().err
+    assert code == 2
+    assert expected in err and err.startswith("headscope rank: error:") and "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_failure_midway_leaves_no_half_written_report(tmp_path, fake_registry, shared_model, monkeypatch):
+    out = tmp_path / "report"
+    assert run_cli("--detectors", "previous_token", "--no-validate", "--out", str(out), *SMALL) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def broken(model, config):
+        raise RuntimeError("detector crashed halfway")
+
+    fakes.broken = broken
+    monkeypatch.setitem(detectors._DETECTORS, "induction", "cli_fake_detectors:broken")
+    with pytest.raises(RuntimeError, match="halfway"):
+        run_cli("--detectors", "previous_token,induction", "--seed", "9", "--out", str(out), *SMALL)
+    # The earlier report is untouched and no temporary directory is left beside it.
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+    # A fresh --out that fails is not created at all.
+    with pytest.raises(RuntimeError):
+        run_cli("--detectors", "induction", "--out", str(tmp_path / "fresh"), *SMALL)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]
+
+
+def test_refuses_to_replace_a_directory_that_is_not_a_report(tmp_path, fake_registry, capsys):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    assert run_cli("--detectors", "sink", "--out", str(tmp_path / "mine"), *SMALL) == 2
+    assert "does not hold a headscope report" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+
+
+def _torchrun(nproc: int, out: Path, extra: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+    cmd = [str(VENV_BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(HERE / "cli_fake_detectors.py"),
+           "rank", "--out", str(out), *extra]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+
+
+def test_two_processes_match_one(tmp_path):
+    """torchrun with 2 CPU processes (gloo) shards the prompts and merges sums: same scores, same
+    validation, as a single process."""
+    settings = ["--detectors", "sink,previous_token", "--seq-len", "12", "--n-prompts", "3", "--batch-size", "1",
+                "--top-k", "3", "--n-random", "1", "--quiet"]
+    one = _torchrun(1, tmp_path / "one", settings)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = _torchrun(2, tmp_path / "two", settings)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "heads.json").read_text())
+    b = json.loads((tmp_path / "two" / "heads.json").read_text())
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
+    sa = pd.DataFrame(a["scores"]).set_index(["kind", "layer", "head"]).sort_index()
+    sb = pd.DataFrame(b["scores"]).set_index(["kind", "layer", "head"]).sort_index()
+    np.testing.assert_allclose(sa["score"], sb["score"], rtol=0, atol=1e-6)
+    assert sa["score"].std() > 0.01  # real, varied scores, not a constant both runs share
+    for kind in ("sink", "previous_token"):
+        np.testing.assert_allclose(a["validation"][kind]["top_k_damage"], b["validation"][kind]["top_k_damage"],
+                                   rtol=1e-6)
