@@ -108,6 +108,9 @@ def attention(
             "the fused Triton attention kernel has no backward pass. For gradients (head importance, "
             "attribution patching) run the model with attn_implementation='sdpa' or 'eager', or call "
             "headscope.kernels.attention(..., backend='torch'), whose chunked path is differentiable.")
+    if key_scale is not None and key_scale.keys.dim() == 3:
+        raise KernelInputError("per-head key sets (key_scale.keys [B, H, Sk]) are computed by the torch path "
+                               "only: call with backend='torch' (or one key set [B, Sk] for all heads).")
     if not triton_available():
         raise KernelInputError("backend 'triton' needs the triton package (pip install triton).")
     from .triton_attention import attention_triton
@@ -124,7 +127,9 @@ def attention(
             causal=causal, sm_scale=sm_scale, window=window, softcap=softcap, key_valid=attention_mask,
             head_mask=head_mask[pattern_heads] if head_mask is not None else None,
             head_mask_mode=head_mask_mode,
-            key_scale=KeyScale(key_scale.beta[pattern_heads], key_scale.keys) if key_scale is not None else None,
+            key_scale=KeyScale(key_scale.beta[pattern_heads],
+                               key_scale.keys[:, pattern_heads] if key_scale.keys.dim() == 3 else key_scale.keys)
+            if key_scale is not None else None,
             key_bias=KeyBias(key_bias.bias[pattern_heads], key_bias.keys) if key_bias is not None else None,
             pattern_heads=list(range(len(pattern_heads))))
         result["pattern"] = pat["pattern"]

@@ -23,7 +23,8 @@ HEAD_MASK_MODES = ("zero", "uniform")
 
 @dataclass(frozen=True)
 class KeyScale:
-    """ACT calibration. beta: [H] per-head factor (1 = unchanged); keys: [B, Sk] bool key set."""
+    """ACT calibration. beta: [H] per-head factor (1 = unchanged); keys: [B, Sk] bool key set, or
+    [B, H, Sk] for one key set per head (ACT finds sinks per head; torch path only)."""
 
     beta: torch.Tensor
     keys: torch.Tensor
@@ -37,10 +38,12 @@ class KeyBias:
     keys: torch.Tensor
 
 
-def _check_keys(name: str, keys: torch.Tensor, B: int, Sk: int) -> None:
-    if keys.dtype != torch.bool or keys.shape != (B, Sk):
-        raise KernelInputError(f"{name}.keys must be a bool tensor of shape [B, Sk] = [{B}, {Sk}], "
-                               f"got {tuple(keys.shape)} {keys.dtype}.")
+def _check_keys(name: str, keys: torch.Tensor, B: int, Sk: int, H: int | None = None) -> None:
+    shapes = [(B, Sk)] + ([(B, H, Sk)] if H is not None else [])
+    if keys.dtype != torch.bool or tuple(keys.shape) not in shapes:
+        raise KernelInputError(f"{name}.keys must be a bool tensor of shape [B, Sk] = [{B}, {Sk}]"
+                               + (f" or [B, H, Sk] = [{B}, {H}, {Sk}]" if H is not None else "")
+                               + f", got {tuple(keys.shape)} {keys.dtype}.")
 
 
 def _check_per_head(name: str, t: torch.Tensor, H: int) -> None:
@@ -63,7 +66,7 @@ def validate_edits(H: int, B: int, Sk: int, head_mask, head_mask_mode, key_scale
         if (key_scale.beta <= 0).any():
             raise KernelInputError(f"key_scale.beta must be > 0 (got {key_scale.beta.tolist()}); "
                                    "beta -> 0 removes the keys' attention, beta = 1 changes nothing.")
-        _check_keys("key_scale", key_scale.keys, B, Sk)
+        _check_keys("key_scale", key_scale.keys, B, Sk, H)
     if key_bias is not None:
         _check_per_head("key_bias.bias", key_bias.bias, H)
         _check_keys("key_bias", key_bias.keys, B, Sk)

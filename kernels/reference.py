@@ -50,8 +50,9 @@ def first_valid_key(key_valid: torch.Tensor) -> torch.Tensor:
 
 
 def _apply_key_scale(p: torch.Tensor, keys: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """ACT arithmetic on probabilities p [B, H, C, K] with key set keys [B, K] and beta [H]."""
-    ks = keys[:, None, None, :].to(p.dtype)
+    """ACT arithmetic on probabilities p [B, H, C, K] with key set keys [B, K] (or per head
+    [B, H, K]) and beta [H]."""
+    ks = (keys[:, None, None, :] if keys.dim() == 2 else keys[:, :, None, :]).to(p.dtype)
     S = (p * ks).sum(-1, keepdim=True)
     b = beta.to(p.dtype)[None, :, None, None]
     rest = 1.0 - S
@@ -128,7 +129,7 @@ def attention_reference(
         lse = torch.logsumexp(s, dim=-1)  # -inf for rows with no visible key
         p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None]).masked_fill(~vis, 0.0)
         if key_scale is not None:
-            p = _apply_key_scale(p, key_scale.keys[:, lo:hi], key_scale.beta)
+            p = _apply_key_scale(p, key_scale.keys[..., lo:hi], key_scale.beta)
         out[:, :, c0:c1] = torch.einsum("bhgqk,bhkd->bhgqd", p.reshape(B, Hkv, G, c1 - c0, hi - lo),
                                         vf[:, :, lo:hi]).reshape(B, H, c1 - c0, -1)
         if pattern_heads:

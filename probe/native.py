@@ -87,12 +87,12 @@ def bind(module: torch.nn.Module, state: ModelState, layer: int) -> None:
 
 
 def _last(t: torch.Tensor | None, Sk: int) -> torch.Tensor | None:
-    """The last Sk positions of a [B, S] per-position tensor (the keys of this call)."""
+    """The last Sk positions of a [B, S] (or [B, H, S]) per-position tensor (the keys of this call)."""
     if t is None:
         return None
-    if t.shape[1] < Sk:
-        raise KernelInputError(f"a [B, S] mask covers {t.shape[1]} positions but the layer sees {Sk} keys.")
-    return t[:, t.shape[1] - Sk:]
+    if t.shape[-1] < Sk:
+        raise KernelInputError(f"a [..., S] mask covers {t.shape[-1]} positions but the layer sees {Sk} keys.")
+    return t[..., t.shape[-1] - Sk:]
 
 
 def headscope_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
