@@ -23,4 +23,6 @@ run: $(STAMP)
 	$(BIN)/headscope rank $(ARGS)
 
 test: $(STAMP)
+	# Debian's Chromium for the explorer's browser test (installs only as root; otherwise that test skips).
+	sh tests/browser_setup.sh
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests $(ARGS)
