@@ -62,7 +62,8 @@ def _configs(table):
 def _prune_for_dim(table):
     def prune(configs, named_args, **kwargs):
         d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        keep = {(bm, bn, w, s) for (bm, bn, w, s) in table[d]}
+        heavy = kwargs.get("HEAVY", named_args.get("HEAVY", False))
+        keep = {(bm, bn, w, s) for (bm, bn, w, s) in table[d] if not (heavy and (d, bm, bn, w, s) in _LIGHT_ONLY)}
         out, seen = [], set()
         for c in configs:
             key = (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)

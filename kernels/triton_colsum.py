@@ -68,7 +68,8 @@ def _colsum_tile(
             cs = tl.load(Coef_bh + 2 * rows)
             cr = tl.load(Coef_bh + 2 * rows + 1)
         p = p * tl.where(inset[None, :], cs[:, None], cr[:, None])
-    return col + tl.sum(p, 0)
+    # Summed over rows once at the end: a per-tile column reduction would cross warps every tile.
+    return col + p
 
 
 @triton.jit
@@ -143,7 +144,7 @@ def _colsum_kernel(
     u_a = tl.minimum(tl.maximum(u_int_lo, u_lo), u_hi)
     u_b = tl.minimum(tl.maximum(u_int_hi, u_a), u_hi)
 
-    col = tl.zeros([BLOCK_N], tl.float32)
+    col = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     for u in range(u_lo, u_a):
         col = _colsum_tile(u, col, k, Q_bh, sqm, sqd, Lse2_bh, Coef_bh, offs_n, inset, KeyValid_b, KbKeys_b,
                            Sq, Sk, OFF, window, qk_scale, cap2, bias2, uniform,
@@ -159,6 +160,7 @@ def _colsum_kernel(
                            Sq, Sk, OFF, window, qk_scale, cap2, bias2, uniform,
                            BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, True, CAUSAL, HAS_WINDOW, HAS_KV, SOFTCAP,
                            KEY_BIAS, HAS_UNIFORM, KEY_SCALE, PRESCALED, PREC)
+    col = tl.sum(col, 0)
     if HAS_KV:
         # A padded key receives nothing: its scores were never part of any row's softmax.
         kv = tl.load(KeyValid_b + offs_n, mask=offs_n < Sk, other=0) != 0

@@ -23,7 +23,7 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # Token id that no real token has: marks "no previous token" for next_match.
-NO_TOKEN = -2147483648
+NO_TOKEN = tl.constexpr(-2147483648)
 
 
 @triton.jit
