@@ -92,6 +92,9 @@ _colsum_tuned = triton.autotune(
 # filled with NaN (argmax with -7777) so that an element the kernel forgets to write cannot pass.
 INTERPRET_TILES = (16, 16)
 POISON_OUTPUTS = False
+# Benchmarks: a no-argument callable that relaunches the last colsum pass (same inputs, same lse),
+# so the second pass can be timed on its own.
+last_colsum_launch = None
 
 
 def _small_config(interp: bool, head_dim: int) -> dict:
@@ -257,13 +260,19 @@ def attention_triton(
         cs_args = (q, k, lse2_int, coef_int, colsum, *q.stride(), *k.stride(),
                    H, G, Sq, Sk, OFF, qk_scale, cap2, int(window or 0),
                    kv_u8, ks_keys, kb_keys, kb_bias, hmask)
-        if interp or Sq < 64:
-            small = _small_config(interp, HEAD_DIM)
-            grid = (triton.cdiv(Sk, small["BLOCK_N"]), B * H)
-            _colsum_kernel[grid](*cs_args, **flags, **small, num_warps=4, num_stages=2)
-        else:
-            grid = lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * H)  # noqa: E731
-            _colsum_tuned[grid](*cs_args, **flags)
+
+        def launch():
+            if interp or Sq < 64:
+                small = _small_config(interp, HEAD_DIM)
+                grid = (triton.cdiv(Sk, small["BLOCK_N"]), B * H)
+                _colsum_kernel[grid](*cs_args, **flags, **small, num_warps=4, num_stages=2)
+            else:
+                grid = lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * H)  # noqa: E731
+                _colsum_tuned[grid](*cs_args, **flags)
+
+        launch()
+        global last_colsum_launch
+        last_colsum_launch = launch
         stats["colsum"] = colsum
 
     # Same key order as the reference (request.names()).

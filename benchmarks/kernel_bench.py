@@ -1,0 +1,190 @@
+"""Forward attention throughput and peak memory: the fused kernel (with / without statistics, colsum pass)
+against PyTorch SDPA (flash and cuDNN backends) and eager attention that materialises p.
+
+(a) ours, output only; (b) ours with every one-pass statistic (lse, entropy, top-1, sink, offset 1,
+match / next_match with counts, keyset); (c) ours, the colsum pass alone (given the forward's lse);
+(d) SDPA flash; (d') SDPA cuDNN; (e) eager softmax(q k^T) v in bf16, until it runs out of memory.
+bf16, causal, MHA (H = Hkv so SDPA runs the same problem), B x H chosen to fill the GPU.
+Times are triton.testing.do_bench medians; every input set is >= 64 MB, beyond the 50 MB L2, so
+no rotation is needed. FLOPs = 4 B H S^2 D / 2 (causal: half the 2 matmuls).
+
+Usage (GPU):  python3 benchmarks/kernel_bench.py [--quick] [--dims 64,128] [--seqs 1024,4096,...]
+The table is printed last; JSON in $OUT/kernel_bench.json when $OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from headscope.kernels import StatsRequest
+from headscope.kernels import triton_attention as ta
+
+TOKENS = 16384  # B * S per problem: 16 x 1k ... 1 x 16k (and 1 x 32k, 1 x 64k beyond)
+HIDDEN = 2048   # H * D: 32 heads at d64, 16 at d128 (FlashAttention papers' setting)
+
+
+def timeit(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def peak(fn) -> tuple[float, float]:
+    """(peak allocated during fn, inputs included; extra over what was allocated before) in GiB."""
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    r = fn()
+    torch.cuda.synchronize()
+    p = torch.cuda.max_memory_allocated()
+    del r
+    return p / 2**30, (p - base) / 2**30
+
+
+def eager(q, k, v, scale):
+    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    S = q.shape[2]
+    mask = torch.ones(S, S, dtype=torch.bool, device=q.device).triu_(1)
+    p = torch.softmax(s.masked_fill_(mask, -math.inf), dim=-1)
+    return torch.matmul(p, v)
+
+
+def run(dims, seqs) -> list[dict]:
+    rows = []
+    dev = "cuda"
+    all_stats = StatsRequest.all(topk=1, sink_k=1, offsets=(1,), keyset=True, colsum=False)
+    for D in dims:
+        H = HIDDEN // D
+        eager_oom = False
+        for S in seqs:
+            B = max(1, TOKENS // S)
+            g = torch.Generator(device=dev).manual_seed(S * 1000 + D)
+            q, k, v = (torch.randn(B, H, S, D, generator=g, device=dev, dtype=torch.bfloat16) for _ in range(3))
+            tok = torch.randint(0, 32000, (B, S), generator=g, device=dev)
+            kset = torch.rand(B, S, generator=g, device=dev) < 0.05
+            scale = 1.0 / math.sqrt(D)
+            flops = 4 * B * H * S * S * D / 2
+            # Fewest bytes: read q, k, v, write out (bf16); stats add 4-8 bytes per row each.
+            bytes_min = 4 * B * H * S * D * 2
+            r = dict(D=D, S=S, B=B, H=H, flops=flops, bytes_min=bytes_min)
+
+            def ours(req, **kw):
+                return lambda: ta.attention_triton(q, k, v, causal=True, request=req, **kw)
+
+            fa = ours(StatsRequest())
+            fb = ours(all_stats, token_ids=tok, keyset=kset)
+            fc_setup = ours(StatsRequest(colsum=True))
+            cases = [("a", fa), ("b", fb)]
+            t0 = time.perf_counter()
+            for tag, fn in cases:
+                fn()  # autotune / compile outside the timing
+                r[f"t_{tag}"] = timeit(fn)
+                r[f"mem_{tag}"], r[f"extra_{tag}"] = peak(fn)
+            fc_setup()
+            r["t_c"] = timeit(ta.last_colsum_launch)
+            r["mem_c"], r["extra_c"] = peak(fc_setup)
+
+            def sdpa(backend):
+                def f():
+                    with sdpa_kernel([backend]):
+                        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                return f
+
+            for tag, backend in (("d", SDPBackend.FLASH_ATTENTION), ("dp", SDPBackend.CUDNN_ATTENTION)):
+                try:
+                    sdpa(backend)()
+                    r[f"t_{tag}"] = timeit(sdpa(backend))
+                    r[f"mem_{tag}"], r[f"extra_{tag}"] = peak(sdpa(backend))
+                except Exception as exc:  # a backend that refuses the shape is reported, not fatal
+                    r[f"t_{tag}"] = None
+                    r[f"err_{tag}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+            if not eager_oom:
+                try:
+                    r["mem_e"], r["extra_e"] = peak(lambda: eager(q, k, v, scale))
+                    r["t_e"] = timeit(lambda: eager(q, k, v, scale))
+                except torch.OutOfMemoryError:
+                    eager_oom = True
+                    r["t_e"] = "OOM"
+                torch.cuda.empty_cache()
+            else:
+                r["t_e"] = "OOM"
+            for tag in ("a", "b", "c", "d", "dp", "e"):
+                t = r.get(f"t_{tag}")
+                if isinstance(t, float):
+                    # colsum does one q.k product: half the forward's matrix FLOPs.
+                    r[f"tflops_{tag}"] = (flops / 2 if tag == "c" else flops) / (t * 1e-3) / 1e12
+            r["wall_s"] = time.perf_counter() - t0
+            rows.append(r)
+            print(f"D={D} S={S}: " + ", ".join(f"{t}={r.get('t_' + t)}" for t in ("a", "b", "c", "d", "dp", "e")),
+                  flush=True)
+            del q, k, v
+            torch.cuda.empty_cache()
+    return rows
+
+
+def fmt(x, spec=".0f"):
+    return format(x, spec) if isinstance(x, (int, float)) else str(x or "-")
+
+
+def table(rows) -> str:
+    lines = [
+        "TFLOP/s (forward, causal, bf16; colsum counted at its own FLOPs = half a forward) and ratios:",
+        f"{'D':>4} {'S':>6} {'BxH':>7} | {'(a)out':>7} {'(b)stats':>8} {'(c)cols':>7} {'(d)flash':>8} "
+        f"{'(d)cudnn':>8} {'(e)eager':>8} | {'b/d':>5} {'b/dp':>5} {'tc/tb':>5} {'b/a':>5} | "
+        f"{'peak b':>7} {'peak d':>7} {'peak e':>7} {'mem b/d':>7}",
+    ]
+    for r in rows:
+        tf = {t: r.get(f"tflops_{t}") for t in ("a", "b", "c", "d", "dp", "e")}
+        ratio = lambda x, y: f"{x / y:5.2f}" if x and y else "    -"  # noqa: E731
+        tc_tb = f"{r['t_c'] / r['t_b']:5.2f}" if isinstance(r.get("t_c"), float) else "    -"
+        pe = f"{r['mem_e']:7.1f}" if isinstance(r.get("mem_e"), float) else f"{'OOM':>7s}"
+        pd = r.get("mem_d")
+        lines.append(
+            f"{r['D']:>4} {r['S']:>6} {str(r['B']) + 'x' + str(r['H']):>7} | {fmt(tf['a']):>7} {fmt(tf['b']):>8} "
+            f"{fmt(tf['c']):>7} {fmt(tf['d']):>8} {fmt(tf['dp']):>8} "
+            f"{fmt(tf['e']) if tf['e'] else ('OOM' if r.get('t_e') == 'OOM' else '-'):>8} | "
+            f"{ratio(tf['b'], tf['d'])} {ratio(tf['b'], tf['dp'])} {tc_tb} {ratio(tf['b'], tf['a'])} | "
+            f"{r['mem_b']:7.2f} {fmt(pd, '7.2f'):>7} {pe} {ratio(r['mem_b'], pd)}")
+    lines.append("peak = GiB allocated at the peak of one call, inputs included (same inputs for every column).")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--seqs", default="1024,4096,16384,32768,65536")
+    ap.add_argument("--quick", action="store_true", help="d64/d128 at 4k and 16k only")
+    args = ap.parse_args()
+    dims = [int(x) for x in args.dims.split(",")]
+    seqs = [4096, 16384] if args.quick else [int(x) for x in args.seqs.split(",")]
+    # Tune at 4k first: the autotune key has no length, so the first call's shape picks the config.
+    print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}, "
+          f"cudnn {torch.backends.cudnn.version()}", flush=True)
+    t0 = time.perf_counter()
+    order = sorted(seqs, key=lambda s: (s != 4096, s))
+    rows = run(dims, order)
+    rows.sort(key=lambda r: (r["D"], r["S"]))
+    tuned = {}
+    for name, tuner in (("forward", ta._fwd_tuned), ("colsum", ta._colsum_tuned)):
+        for key, cfg in getattr(tuner, "cache", {}).items():
+            tuned[f"{name} {key}"] = str(cfg)
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+        with open(os.path.join(out_dir, "kernel_bench.json"), "w") as f:
+            json.dump({"rows": rows, "tuned": tuned, "torch": torch.__version__, "triton": triton.__version__,
+                       "device": torch.cuda.get_device_name()}, f, indent=1, default=str)
+    print(f"\nbench wall {time.perf_counter() - t0:.0f}s; autotuned configs:")
+    for k_, v_ in tuned.items():
+        print(f"  {k_}: {v_}")
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
