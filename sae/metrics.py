@@ -1,0 +1,148 @@
+"""SAE evaluation: L0, fraction of variance unexplained, dead / dense latents, CE loss recovered
+with the SAE spliced into the model, top-activating contexts and per-head attribution.
+
+Definitions (over all evaluated tokens t, latents i):
+- L0 = mean_t #{i : f_ti > 0}.
+- FVU = sum_t ||x_t - x_hat_t||^2 / sum_t ||x_t - mean(x)||^2.
+- density_i = fraction of tokens where latent i fires; dead: density 0, dense: density > 0.1.
+- CE loss recovered = (L_zero - L_sae) / (L_zero - L_clean), with L the next-token cross-entropy
+  of the model when the site's activations are left alone (clean), replaced by the SAE
+  reconstruction (sae) or by zeros (zero ablation), at every position except the first (BOS),
+  which the SAE was not trained on and which both edits leave alone.
+- head attribution of latent i (site z): ||W_dec[i, block h]|| / sum_h' ||W_dec[i, block h']||.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+
+from headscope.probe.edits import LayerEdit
+
+from .activations import ActivationError, stream_activations
+
+
+@torch.no_grad()
+def reconstruction_metrics(sae, activations: Iterable[torch.Tensor], dense_threshold: float = 0.1) -> dict:
+    """L0, FVU, dead / dense fractions and per-latent density over batches x [n, d_in]."""
+    sae.eval()
+    n, l0, err = 0, 0.0, 0.0
+    s1, s2 = None, None
+    fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    for x in activations:
+        x = x.float()
+        out = sae(x)
+        f = out["f"]
+        n += x.shape[0]
+        l0 += float((f > 0).sum())
+        err += float((out["x_hat"] - x).double().pow(2).sum())
+        s1 = x.double().sum(0) if s1 is None else s1 + x.double().sum(0)
+        s2 = x.double().pow(2).sum() if s2 is None else s2 + x.double().pow(2).sum()
+        fires += (f > 0).sum(0)
+    if n == 0:
+        raise ActivationError("no activations to evaluate on.")
+    total_var = float(s2 - s1.pow(2).sum() / n)
+    density = fires.double() / n
+    return {"tokens": n, "l0": l0 / n, "fvu": err / total_var, "mse": err / n,
+            "dead_frac": float((fires == 0).double().mean()), "dense_frac": float((density > dense_threshold).double().mean()),
+            "density": density.float()}
+
+
+def _splice_fn(sae, n_heads: int, skip_first: bool):
+    def z_fn(z: torch.Tensor, layer: int) -> torch.Tensor:
+        B, H, S, D = z.shape
+        flat = z.transpose(1, 2).reshape(B, S, H * D)
+        rec = sae(flat.float().reshape(-1, H * D))["x_hat"].reshape(B, S, H * D).to(z.dtype)
+        if skip_first:
+            rec = torch.cat([flat[:, :1], rec[:, 1:]], dim=1)
+        return rec.reshape(B, S, H, D).transpose(1, 2)
+    return z_fn
+
+
+def _zero_fn(skip_first: bool):
+    def z_fn(z: torch.Tensor, layer: int) -> torch.Tensor:
+        out = torch.zeros_like(z)
+        if skip_first:
+            out[:, :, :1] = z[:, :, :1]
+        return out
+    return z_fn
+
+
+def _next_token_loss(model, ids: torch.Tensor) -> tuple[float, int]:
+    logits = model.hf(input_ids=ids, use_cache=False).logits.float()
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
+    return float(loss), ids[:, 1:].numel()
+
+
+@torch.no_grad()
+def ce_loss_recovered(model, sae, layer: int, token_batches: Iterable[torch.Tensor], *, skip_first: bool = True) -> dict:
+    """Clean / SAE-spliced / zero-ablated next-token loss of a z-site SAE and the fraction recovered."""
+    model.meta.check_layer(layer)
+    if sae.cfg.site != "z":
+        raise ActivationError("CE loss recovered is implemented for z (head output) SAEs; this one is on "
+                              f"{sae.cfg.site!r}.")
+    sae.eval()
+    totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
+    count = 0
+    edits = {"sae": _splice_fn(sae, model.meta.n_heads, skip_first), "zero": _zero_fn(skip_first)}
+    for ids in token_batches:
+        ids = ids.to(model.device)
+        loss, n = _next_token_loss(model, ids)
+        totals["clean"] += loss
+        for name, fn in edits.items():
+            with model.edit_attention({layer: LayerEdit(z_fn=fn)}):
+                totals[name] += _next_token_loss(model, ids)[0]
+        count += n
+    if count == 0:
+        raise ActivationError("no token batches to evaluate CE loss on.")
+    L = {k: v / count for k, v in totals.items()}
+    denom = L["zero"] - L["clean"]
+    return {"ce_clean": L["clean"], "ce_sae": L["sae"], "ce_zero": L["zero"], "tokens": count,
+            "ce_recovered": (L["zero"] - L["sae"]) / denom if denom != 0 else float("nan")}
+
+
+def head_attribution(sae) -> torch.Tensor:
+    """[d_sae, H]: each latent's decoder norm share per head block (rows sum to 1)."""
+    H, D = sae.cfg.n_heads, sae.cfg.head_dim
+    if sae.cfg.site != "z" or H * D != sae.cfg.d_in:
+        raise ActivationError("head attribution needs an SAE on concatenated head outputs (site z).")
+    norms = sae.W_dec.detach().reshape(sae.cfg.d_sae, H, D).norm(dim=-1)
+    return norms / norms.sum(-1, keepdim=True).clamp_min(1e-12)
+
+
+@torch.no_grad()
+def top_activating(model, sae, layer: int, token_batches: Iterable[torch.Tensor], latents, *, n: int = 10,
+                   context: int = 8) -> list[dict]:
+    """Top-n activating token positions of each latent in `latents` over the batches, with text
+    context (`context` tokens either side; the top token in [[ ]]). One dict per (latent, rank)."""
+    latents = list(latents)
+    best: dict[int, list] = {i: [] for i in latents}
+    idx = torch.tensor(latents, dtype=torch.long)
+    rows = []
+    for ids in token_batches:
+        a = next(stream_activations(model, layer, sae.cfg.site, [ids], skip_first=True))
+        f = sae.encode(a.float())[:, idx]  # [B * (S - 1), n_latents]
+        S1 = ids.shape[1] - 1
+        rows.append(ids.cpu())
+        base = sum(r.shape[0] for r in rows[:-1])
+        k = min(n, f.shape[0])
+        v, pos = f.topk(k, dim=0)
+        for j, lat in enumerate(latents):
+            for val, p in zip(v[:, j].tolist(), pos[:, j].tolist()):
+                if val > 0:
+                    best[lat].append((val, base + p // S1, p % S1 + 1))
+            best[lat] = sorted(best[lat], reverse=True)[:n]
+    allrows = torch.cat(rows) if rows else None
+    tok = model.tokenizer
+    out = []
+    for lat in latents:
+        for rank, (val, r, p) in enumerate(best[lat]):
+            seq = allrows[r].tolist()
+            left = tok.decode(seq[max(1, p - context):p])
+            mid = tok.decode([seq[p]])
+            right = tok.decode(seq[p + 1:p + 1 + context])
+            out.append({"latent": lat, "rank": rank, "activation": val, "row": r, "position": p,
+                        "token": mid, "context": f"{left}[[{mid}]]{right}"})
+    return out

@@ -1,0 +1,286 @@
+"""SAE training, architectures, resume, metrics and bad input (issue 6)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from headscope.probe.edits import LayerEdit
+from headscope.sae.activations import ActivationError, ActivationStore, collect, model_activations
+from headscope.sae.architectures import SAE, SAEConfig, SAEConfigError
+from headscope.sae.corpus import CorpusError, corpus_texts, default_corpus, load_texts, packed_batches
+from headscope.sae.init import geometric_median
+from headscope.sae.metrics import ce_loss_recovered, head_attribution, reconstruction_metrics, top_activating
+from headscope.sae.saelens_format import load_sae, save_sae
+from headscope.sae.train import CheckpointError, TrainConfig, new_sae, train
+
+LAYER = 2
+
+
+@pytest.fixture(scope="module")
+def z_store(model):
+    rows = packed_batches(model.tokenizer, corpus_texts(None, seed=0), seq_len=64, batch_size=8, bos_id=1)
+    st = ActivationStore(d_in=576, shard_tokens=1024)
+    return collect(model, LAYER, "z", rows, 4096, store=st, progress=False)
+
+
+def _synthetic_store(n=8192, d=32, n_feat=64, seed=0):
+    """Activations that are sparse sums of a known dictionary (3 active features per row)."""
+    g = torch.Generator().manual_seed(seed)
+    D = F.normalize(torch.randn(n_feat, d, generator=g), dim=1)
+    idx = torch.stack([torch.randperm(n_feat, generator=g)[:3] for _ in range(n)])
+    coef = torch.rand(n, 3, generator=g) * 2 + 0.5
+    x = (coef[:, :, None] * D[idx]).sum(1) + 0.3
+    st = ActivationStore(d_in=d, shard_tokens=2048)
+    st.add(x)
+    return st.finish()
+
+
+# ---- activations -------------------------------------------------------------------------
+def test_z_activations_match_recorder_layout(model, z_store):
+    ids = model.tokenize(["The cat sat on the mat."], prepend_bos=True)["input_ids"]
+    a = model_activations(model, LAYER, "z", ids)
+    _, rec = model.run_recorded(ids, None, head_out=[LAYER])
+    z = rec.z(LAYER)  # [B, S, H, D]
+    assert a.shape == (1, ids.shape[1], 576)
+    torch.testing.assert_close(a[0, :, 64:128], z[0, :, 1, :].float())
+    assert z_store.n_tokens == 4096 and z_store.shard(0).shape == (1024, 576)
+
+
+def test_store_batches_deterministic_resumable_and_complete(tmp_path):
+    st = ActivationStore(d_in=3, shard_tokens=10, max_memory_tokens=20, spill_dir=tmp_path / "acts")
+    st.add((torch.arange(40, dtype=torch.float32) * 3)[:, None] + torch.arange(3.0))
+    st.finish()
+    assert any(p.suffix == ".safetensors" for p in (tmp_path / "acts").iterdir())  # spilled
+    re = ActivationStore.open(tmp_path / "acts")
+    it = re.batches(5, seed=3, mix_shards=2)
+    first = [next(it) for _ in range(16)]  # two epochs of 8 batches
+    epoch = torch.cat(first[:8])[:, 0].sort().values
+    assert torch.equal(epoch, torch.arange(40, dtype=torch.float32) * 3)  # every row exactly once
+    assert not torch.equal(torch.cat(first[:8]), torch.cat(first[8:]))      # reshuffled per epoch
+    resumed = list(zip(range(6), re.batches(5, seed=3, mix_shards=2, start=10)))
+    for (_, b), a in zip(resumed, first[10:]):
+        assert torch.equal(a, b)
+
+
+# ---- architectures -----------------------------------------------------------------------
+def _rand_sae(arch, d_in=12, d_sae=40, k=5, seed=0):
+    torch.manual_seed(seed)
+    s = SAE(SAEConfig(d_in=d_in, d_sae=d_sae, arch=arch, k=k))
+    with torch.no_grad():
+        for p in s.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return s
+
+
+@pytest.mark.parametrize("arch", ["relu", "topk", "batchtopk", "jumprelu"])
+def test_forward_matches_definition(arch):
+    s = _rand_sae(arch)
+    x = torch.randn(16, 12)
+    pre = (x - s.b_dec) @ s.W_enc + s.b_enc
+    if arch == "relu":
+        f = pre.clamp_min(0)
+    elif arch == "topk":
+        f = torch.zeros_like(pre)
+        for t in range(16):
+            order = pre[t].argsort(descending=True)[:5]
+            f[t, order] = pre[t, order].clamp_min(0)
+    elif arch == "batchtopk":
+        r = pre.clamp_min(0)
+        cut = r.flatten().sort(descending=True).values[5 * 16 - 1]
+        f = torch.where(r >= cut, r, torch.zeros_like(r))
+    else:
+        theta = s.log_threshold.exp()
+        f = torch.where(pre > theta, pre, torch.zeros_like(pre))
+    s.train()
+    out = s(x)
+    torch.testing.assert_close(out["f"], f)
+    torch.testing.assert_close(out["x_hat"], f @ s.W_dec + s.b_dec)
+    if arch in ("topk", "batchtopk"):
+        assert (out["f"] > 0).sum() <= 5 * 16
+
+
+def test_batchtopk_inference_threshold_and_topk_aux_loss():
+    s = _rand_sae("batchtopk")
+    x = torch.randn(64, 12)
+    s.train()
+    s.loss(x)
+    assert s.threshold > 0
+    s.eval()
+    pre = s.pre_acts(x).clamp_min(0)
+    torch.testing.assert_close(s.encode(x), pre * (pre > s.threshold))
+    # AuxK: with every latent dead, the aux loss is the normalised error of the k_aux dead latents
+    t = SAE(SAEConfig(d_in=12, d_sae=40, arch="topk", k=5, k_aux=7, dead_tokens=1))
+    t.tokens_since_fired.fill_(10)
+    out = t.loss(x)
+    e = x - out["x_hat"]
+    pre = t.pre_acts(x).clamp_min(0)
+    v, i = pre.topk(7, dim=-1)
+    e_hat = (torch.zeros_like(pre).scatter(-1, i, v)) @ t.W_dec
+    ref = (e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean()
+    torch.testing.assert_close(out["aux"], ref)
+    torch.testing.assert_close(out["loss"], out["mse"] + ref / 32)
+
+
+def test_geometric_median_beats_mean_under_outliers():
+    x = torch.randn(200, 4) * 0.1
+    x[:10] += 100.0
+    m = geometric_median(x)
+    assert m.norm() < 1.0 < x.mean(0).norm()
+    obj = lambda c: (x - c).norm(dim=1).sum()  # noqa: E731
+    assert obj(m) <= obj(x.mean(0)) and obj(m) <= obj(m + 0.01 * torch.randn(4)) + 1e-4
+
+
+# ---- training ----------------------------------------------------------------------------
+@pytest.mark.parametrize("arch,coeff", [("topk", 0.0), ("relu", 0.05), ("jumprelu", 0.05), ("batchtopk", 0.0)])
+def test_training_recovers_sparse_dictionary(arch, coeff):
+    st = _synthetic_store()
+    cfg = SAEConfig(d_in=32, d_sae=128, arch=arch, k=4, dead_tokens=4096)
+    tc = TrainConfig(total_tokens=8192 * 6, batch_size=256, lr=3e-3, sparsity_coeff=coeff, b_dec_init="mean")
+    sae = new_sae(cfg, st, tc)
+    res = train(sae, st, tc, progress=False)
+    m = reconstruction_metrics(sae, [st.shard(i) for i in range(st.n_shards)])
+    assert m["fvu"] < 0.15, m
+    assert m["l0"] < 16, m
+    assert res.history[-1]["loss"] < res.history[0]["loss"] / 3
+
+
+def test_topk_on_model_z_beats_mean_baseline(z_store):
+    cfg = SAEConfig(d_in=576, d_sae=1152, arch="topk", k=16, dead_tokens=2048, layer=LAYER, site="z",
+                    n_heads=9, head_dim=64)
+    tc = TrainConfig(total_tokens=4096 * 8, batch_size=256, lr=2e-3)
+    sae = new_sae(cfg, z_store, tc)
+    m0 = reconstruction_metrics(sae, [z_store.shard(0)])
+    train(sae, z_store, tc, progress=False)
+    m = reconstruction_metrics(sae, [z_store.shard(i) for i in range(z_store.n_shards)])
+    # mean-only reconstruction has FVU 1; a broken trainer stays near its untrained value
+    assert m["fvu"] < 0.5 and m["fvu"] < 0.5 * m0["fvu"], (m0["fvu"], m["fvu"])
+    assert abs(m["l0"] - 16) < 0.5 and m["dead_frac"] < 0.5
+
+
+def test_resume_after_kill_gives_identical_weights(tmp_path):
+    st = _synthetic_store(n=4096)
+    cfg = SAEConfig(d_in=32, d_sae=96, arch="topk", k=4, dead_tokens=512)
+    tc = TrainConfig(total_tokens=4096 * 3, batch_size=128, lr=3e-3, checkpoint_every=20, seed=7)
+    ref = train(new_sae(cfg, st, tc), st, tc, progress=False).sae
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, sae, parts):
+        if step == 53:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(new_sae(cfg, st, tc), st, tc, out_dir=tmp_path, callback=kill, progress=False)
+    assert (tmp_path / "checkpoints" / "LATEST").read_text() == "step_00000040"
+    resumed = train(new_sae(cfg, st, tc), st, tc, out_dir=tmp_path, resume=True, progress=False).sae
+    for name, p in ref.state_dict().items():
+        assert torch.equal(p, resumed.state_dict()[name]), name
+
+
+# ---- metrics -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_z_sae(z_store):
+    cfg = SAEConfig(d_in=576, d_sae=1152, arch="topk", k=16, dead_tokens=2048, layer=LAYER, site="z",
+                    n_heads=9, head_dim=64, model="smollm2-135m-instruct")
+    tc = TrainConfig(total_tokens=4096 * 4, batch_size=256, lr=2e-3)
+    sae = new_sae(cfg, z_store, tc)
+    return train(sae, z_store, tc, progress=False).sae
+
+
+def test_ce_loss_recovered_against_manual_splice(model, trained_z_sae):
+    sae = trained_z_sae
+    ids = next(packed_batches(model.tokenizer, default_corpus(seed=99), seq_len=48, batch_size=2, bos_id=1))
+    got = ce_loss_recovered(model, sae, LAYER, [ids])
+
+    # independent path: a forward hook on the layer's o_proj input replaces the concatenated z
+    o_proj = model.attention_modules[LAYER].o_proj
+
+    def run(replace):
+        h = o_proj.register_forward_pre_hook(lambda m, a: (replace(a[0]),)) if replace else None
+        try:
+            with torch.no_grad():
+                logits = model.hf(input_ids=ids, use_cache=False).logits
+        finally:
+            if h:
+                h.remove()
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+
+    def splice(z):
+        out = sae(z.reshape(-1, 576))["x_hat"].reshape(z.shape)
+        return torch.cat([z[:, :1], out[:, 1:]], 1)
+
+    clean, spliced = run(None), run(splice)
+    zero = run(lambda z: torch.cat([z[:, :1], torch.zeros_like(z[:, 1:])], 1))
+    assert got["ce_clean"] == pytest.approx(clean, abs=1e-4)
+    assert got["ce_sae"] == pytest.approx(spliced, abs=1e-4)
+    assert got["ce_zero"] == pytest.approx(zero, abs=1e-4)
+    assert got["ce_recovered"] == pytest.approx((zero - spliced) / (zero - clean), abs=1e-3)
+    assert zero > clean
+
+
+def test_head_attribution_and_top_contexts(model, trained_z_sae):
+    sae = trained_z_sae
+    a = head_attribution(sae)
+    assert a.shape == (1152, 9)
+    torch.testing.assert_close(a.sum(-1), torch.ones(1152))
+    i = 5
+    ref = sae.W_dec[i].view(9, 64).norm(dim=-1)
+    torch.testing.assert_close(a[i], ref / ref.sum())
+    ids = next(packed_batches(model.tokenizer, default_corpus(seed=5), seq_len=32, batch_size=2, bos_id=1))
+    f = sae.encode(model_activations(model, LAYER, "z", ids)[:, 1:].reshape(-1, 576))
+    lat = int((f > 0).sum(0).argmax())
+    rows = top_activating(model, sae, LAYER, [ids], [lat], n=3)
+    assert len(rows) == 3 and rows[0]["activation"] == pytest.approx(float(f[:, lat].max()), rel=1e-5)
+    assert "[[" in rows[0]["context"]
+
+
+# ---- bad input ---------------------------------------------------------------------------
+def test_bad_inputs(model, tmp_path, z_store):
+    with pytest.raises(Exception, match="layer"):
+        model_activations(model, 30, "z", torch.ones(1, 4, dtype=torch.long))
+    with pytest.raises(SAEConfigError, match="k=2000"):
+        SAEConfig(d_in=576, d_sae=1152, arch="topk", k=2000)
+    (tmp_path / "empty.txt").write_text("  \n\n ")
+    with pytest.raises(CorpusError, match="empty"):
+        load_texts(tmp_path / "empty.txt")
+    (tmp_path / "bin.txt").write_bytes(b"\x00\x01\x02binary")
+    with pytest.raises(CorpusError, match="not text"):
+        load_texts(tmp_path / "bin.txt")
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": 1}\n')
+    with pytest.raises(CorpusError, match="bad.jsonl:2"):
+        load_texts(tmp_path / "bad.jsonl")
+    assert load_texts(tmp_path / "bad.jsonl".replace("bad", "bad")) if False else True
+
+
+def test_checkpoint_from_other_run_or_corrupted_is_refused(tmp_path):
+    st = _synthetic_store(n=2048)
+    cfg = SAEConfig(d_in=32, d_sae=64, arch="topk", k=4, model="model-a")
+    tc = TrainConfig(total_tokens=2048, batch_size=128, checkpoint_every=4)
+    train(new_sae(cfg, st, tc), st, tc, out_dir=tmp_path, progress=False)
+    ck = tmp_path / "checkpoints" / (tmp_path / "checkpoints" / "LATEST").read_text()
+    before = {p.name: p.read_bytes() for p in ck.iterdir()}
+    other = SAEConfig(d_in=32, d_sae=64, arch="topk", k=4, model="model-b")
+    with pytest.raises(CheckpointError, match="model"):
+        train(new_sae(other, st, tc), st, tc, out_dir=tmp_path, resume=True, progress=False)
+    assert before == {p.name: p.read_bytes() for p in ck.iterdir()}  # nothing overwritten
+    (ck / "sae.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="corrupted"):
+        train(new_sae(cfg, st, tc), st, tc, out_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        train(new_sae(cfg, st, tc), st, tc, out_dir=tmp_path / "none", resume=True, progress=False)
+
+
+def test_save_load_roundtrip_all_architectures(tmp_path):
+    x = torch.randn(8, 12)
+    for arch in ("relu", "topk", "batchtopk", "jumprelu"):
+        s = _rand_sae(arch).eval()
+        if arch == "batchtopk":
+            s.threshold.fill_(0.05)
+        save_sae(s, tmp_path / arch, log_sparsity=torch.zeros(40))
+        back = load_sae(tmp_path / arch)
+        torch.testing.assert_close(back(x)["x_hat"], s(x)["x_hat"])
+        assert json.loads((tmp_path / arch / "cfg.json").read_text())["d_sae"] == 40
