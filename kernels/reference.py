@@ -62,6 +62,21 @@ def _apply_key_scale(p: torch.Tensor, keys: torch.Tensor, beta: torch.Tensor) ->
     return torch.where(ks.bool(), p * scale_set, p * factor)
 
 
+def _masked_softmax_(s: torch.Tensor, vis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax of scores s [B, H, C, K] over visible keys, computed in place in s (one exp pass:
+    the CPU path's time goes into full passes over the score block). Returns (p, lse [B, H, C]);
+    rows with no visible key get p = 0 and lse = -inf."""
+    # an additive 0 / -inf mask: same result as masked_fill, but masked_fill with a mask broadcast
+    # over heads costs about 10x an add on CPU
+    s.add_(torch.zeros(vis.shape, dtype=s.dtype, device=s.device).masked_fill_(~vis, -math.inf))
+    m = s.amax(dim=-1, keepdim=True)
+    m.masked_fill_(torch.isinf(m), 0.0)
+    p = s.sub_(m).exp_()
+    denom = p.sum(dim=-1, keepdim=True)
+    lse = (m + denom.log()).squeeze(-1)
+    return p.div_(denom.clamp_min(torch.finfo(p.dtype).tiny)), lse
+
+
 def attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -118,16 +133,14 @@ def attention_reference(
         rows = torch.arange(c0, c1, device=dev) + off
         vis = visible_keys(Sq, Sk, key_valid, rows, lo, hi, causal, window)[:, None]  # [B,1,C,K]
         s = torch.einsum("bhgqd,bhkd->bhgqk", qf[..., c0:c1, :], kf[:, :, lo:hi]).reshape(B, H, c1 - c0, hi - lo)
-        s = s * scale
+        s.mul_(scale)
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap
         if key_bias is not None:
             s = s + key_bias.bias.float()[None, :, None, None] * key_bias.keys[:, None, None, lo:hi].float()
         if uniform is not None:
             s = torch.where(uniform[None, :, None, None], torch.zeros_like(s), s)
-        s = s.masked_fill(~vis, -math.inf)
-        lse = torch.logsumexp(s, dim=-1)  # -inf for rows with no visible key
-        p = torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None]).masked_fill(~vis, 0.0)
+        p, lse = _masked_softmax_(s, vis)
         if key_scale is not None:
             p = _apply_key_scale(p, key_scale.keys[..., lo:hi], key_scale.beta)
         out[:, :, c0:c1] = torch.einsum("bhgqk,bhkd->bhgqd", p.reshape(B, Hkv, G, c1 - c0, hi - lo),
