@@ -7,10 +7,15 @@
     with model.record(StatsRequest.all()) as rec:
         model(**batch)
     rec.stats["entropy"]                       # [B, L, H, S]
+
+A user's TransformerLens `TransformerBridge` or nnsight `LanguageModel` records into the same
+`Recording` with `record_transformer_lens(bridge, text, stats)` / `record_nnsight(lm, text, stats)`.
 """
 
 from headscope.kernels.stats import StatsRequest
 
+from .backend_nnsight import record_nnsight
+from .backend_tl import record_transformer_lens
 from .edits import LayerEdit
 from .errors import (DeviceError, HeadIndexError, InputError, ModelLoadError, PatternMemoryError,
                      RecordingError)
@@ -21,4 +26,4 @@ from .recording import Recording
 
 __all__ = ["load_model", "HeadscopeModel", "Recording", "ModelMeta", "StatsRequest", "LayerEdit", "EMBEDDED",
            "EMBEDDED_ENCODER", "cache_root", "DeviceError", "HeadIndexError", "InputError", "ModelLoadError",
-           "PatternMemoryError", "RecordingError"]
+           "PatternMemoryError", "RecordingError", "record_transformer_lens", "record_nnsight"]
