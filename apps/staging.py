@@ -35,6 +35,10 @@ class StagedDir:
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))
+            # mkdtemp makes the directory private (0700); a report should get the usual permissions.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.path, 0o777 & ~umask)
         except OSError as exc:
             raise OutputError(f"cannot write the report to {str(self.out)!r}: {exc.strerror or exc}. "
                               "Choose a writable --out.") from None

@@ -36,10 +36,12 @@ def _loss_sum(model, ids: torch.Tensor) -> torch.Tensor:
                                              reduction="sum").cpu()
 
 
-def _mean_stat(model, config, ids, request, pick) -> torch.Tensor:
-    """Global mean over prompts and positions of pick(rec) [B, L, H, S'] -> [L, H], sharded."""
+def _mean_stat(model, config, ids, request, pick) -> tuple[torch.Tensor, list[float]]:
+    """Global mean over prompts and positions of pick(rec) [B, L, H, S'] -> [L, H], sharded;
+    and every prompt's mean over all heads, in prompt order (gathered from all processes)."""
     total = torch.zeros(model.meta.n_layers, model.meta.n_heads, dtype=torch.float64)
     count = torch.zeros((), dtype=torch.float64)
+    per_prompt = []
     mine = sharding.shard(ids)
     for i in range(0, len(mine), config.batch_size):
         batch = mine[i:i + config.batch_size].to(model.device)
@@ -47,8 +49,9 @@ def _mean_stat(model, config, ids, request, pick) -> torch.Tensor:
         values = pick(rec).double().cpu()
         total += values.sum(dim=(0, 3))
         count += values.shape[0] * values.shape[3]
+        per_prompt += values.mean(dim=(1, 2, 3)).tolist()
     total, count = sharding.all_reduce_sum(total, count)
-    return total / count
+    return total / count, sharding.gather_lists(per_prompt)
 
 
 def _validate(model, kind, config, scores, ids) -> Validation:
@@ -76,9 +79,9 @@ def _validate(model, kind, config, scores, ids) -> Validation:
 
 def fake_sink(model, config) -> DetectorResult:
     ids = random_prompts(config)
-    grid = _mean_stat(model, config, ids, StatsRequest(sink_k=1), lambda r: r.stat("sink_mass"))
+    grid, per_prompt = _mean_stat(model, config, ids, StatsRequest(sink_k=1), lambda r: r.stat("sink_mass"))
     scores = head_scores("sink", grid)
-    summary = {"sink_1_eps": float((grid > 0.3).double().mean()), "eps": 0.3}
+    summary = {"sink_1_eps": float((grid > 0.3).double().mean()), "eps": 0.3, "per_prompt": per_prompt}
     val = _validate(model, "sink", config, scores, ids) if config.validate else None
     return DetectorResult("sink", scores, summary, val)
 
@@ -90,7 +93,7 @@ def fake_previous_token(model, config) -> DetectorResult:
     ids = random_prompts(config)
     if ids.shape[1] < 4:
         raise InputError(f"seq_len {ids.shape[1]} is too short for previous_token: it needs at least 4 tokens.")
-    grid = _mean_stat(model, config, ids, StatsRequest(offsets=(1,)), lambda r: r.stat("offset_mass")[..., 1:, 0])
+    grid, _ = _mean_stat(model, config, ids, StatsRequest(offsets=(1,)), lambda r: r.stat("offset_mass")[..., 1:, 0])
     scores = head_scores("previous_token", grid)
     val = _validate(model, "previous_token", config, scores, ids) if config.validate else None
     return DetectorResult("previous_token", scores, {"mean_score": float(grid.mean())}, val)

@@ -191,6 +191,9 @@ def test_two_processes_match_one(tmp_path, fake_registry, shared_model):
     sb = pd.DataFrame(b["scores"]).set_index(["kind", "layer", "head"]).sort_index()
     np.testing.assert_allclose(sa["score"], sb["score"], rtol=0, atol=1e-6)
     assert sa["score"].std() > 0.01  # real, varied scores, not a constant both runs share
+    # Per-prompt values gathered from both processes come back in prompt order.
+    assert len(b["summary"]["sink"]["per_prompt"]) == 3
+    np.testing.assert_allclose(a["summary"]["sink"]["per_prompt"], b["summary"]["sink"]["per_prompt"], atol=1e-6)
     for kind in ("sink", "previous_token"):
         np.testing.assert_allclose(a["validation"][kind]["top_k_damage"], b["validation"][kind]["top_k_damage"],
                                    rtol=1e-6)
