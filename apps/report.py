@@ -64,8 +64,9 @@ def validation_bars(result: DetectorResult) -> go.Figure:
                            hovertemplate="%{x}: %{y:.4g}<extra></extra>"))
     if v.random_k_damage:
         fig.add_hline(y=v.random_median, line_dash="dash", annotation_text="random median")
-    fig.update_layout(title=f"{result.kind}: damage when {v.k} heads are ablated", yaxis_title=v.metric,
-                      height=300, width=520, margin=dict(l=60, r=20, t=50, b=40))
+    # The metric's full wording is long: it goes in the caption under the figure, not on the axis.
+    fig.update_layout(title=f"{result.kind}: damage when {v.k} heads are ablated", yaxis_title="damage",
+                      height=300, width=520, margin=dict(l=60, r=20, t=60, b=40))
     return fig
 
 
@@ -149,7 +150,9 @@ def render_report(meta: ModelMeta, results: dict[str, DetectorResult], *, top_k:
         parts.append("<div class='row'>" + fig(heatmap(r, meta)))
         parts.append(f"<div><h3>Top {top_k} heads</h3>{top_table(r, top_k)}</div></div>")
         if r.validation is not None:
-            parts.append(fig(validation_bars(r)))
+            v = r.validation
+            caption = f"Damage = {v.metric}; baseline {_fmt(float(v.baseline))}." + (f" {v.notes}" if v.notes else "")
+            parts.append(fig(validation_bars(r)) + f"<p><small>{html.escape(caption)}</small></p>")
         parts.append(findings(r.summary))
         if thumbs and thumbs.get(kind):
             parts.append(fig(thumbnails(kind, thumbs[kind])))
