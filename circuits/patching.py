@@ -40,8 +40,10 @@ def _check_pair(model: HeadscopeModel, clean_ids: torch.Tensor, corrupt_ids: tor
 
 def last_logits(model: HeadscopeModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token logits [B, V] at the last position (right padding: the last real token)."""
+    # without padding only the last position's logits are needed (the vocabulary projection dominates)
+    keep = {"logits_to_keep": 1} if attention_mask is None else {}
     with torch.no_grad():
-        out = model.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        out = model.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **keep)
     logits = out.logits
     if attention_mask is None:
         return logits[:, -1].float()
