@@ -22,7 +22,7 @@ from .edits import KeyBias, KeyScale
 from .errors import BackwardNotSupportedError, KernelInputError
 from .stats import StatsRequest
 from .triton_colsum import _colsum_kernel
-from .triton_forward import LOG2E, _attn_fwd, _match_counts
+from .triton_forward import LOG2E, NO_TOKEN_ID, _attn_fwd, _match_counts
 
 MAX_TOPK = 16
 MAX_OFFSETS = 32
@@ -96,8 +96,10 @@ _colsum_tuned = triton.autotune(
 # filled with NaN (argmax with -7777) so that an element the kernel forgets to write cannot pass.
 INTERPRET_TILES = (16, 16)
 POISON_OUTPUTS = False
-# Benchmarks: a no-argument callable that relaunches the last colsum pass (same inputs, same lse),
-# so the second pass can be timed on its own.
+# Benchmarks: with KEEP_COLSUM_LAUNCH set, `last_colsum_launch` is a no-argument callable that
+# relaunches the last colsum pass (same inputs, same lse) so the second pass can be timed alone.
+# Off by default: the closure holds q, k and the buffers alive.
+KEEP_COLSUM_LAUNCH = False
 last_colsum_launch = None
 
 
@@ -170,7 +172,16 @@ def attention_triton(
     kv_u8 = _as_u8(key_valid, B, Sk, dev)
     tok = token_ids.to(device=dev, dtype=torch.int32).contiguous() if token_ids is not None \
         else torch.empty(1, dtype=torch.int32, device=dev)
-    kset = _as_u8(keyset if request.keyset else None, B, Sk, dev)
+    kset = keyset.to(device=dev, dtype=torch.float32).contiguous() if request.keyset else dummy_f
+    if request.next_match:
+        # The token before each key, NO_TOKEN_ID where there is none or it is padding: the kernel then
+        # compares it like a plain token instead of loading and masking j - 1 in every tile.
+        prev_tok = torch.full_like(tok, NO_TOKEN_ID)
+        prev_tok[:, 1:] = tok[:, :-1]
+        if key_valid is not None:
+            prev_tok[:, 1:].masked_fill_(~key_valid[:, :-1].to(dev), NO_TOKEN_ID)
+    else:
+        prev_tok = tok
     ks_keys = _as_u8(key_scale.keys if key_scale is not None else None, B, Sk, dev)
     ks_beta = key_scale.beta.to(**f32).contiguous() if key_scale is not None else dummy_f
     kb_keys = _as_u8(key_bias.keys if key_bias is not None else None, B, Sk, dev)
@@ -224,7 +235,7 @@ def attention_triton(
     fwd_args = (
         q, k, v, out, *q.stride(), *k.stride(), *v.stride(),
         H, G, Sq, Sk, OFF, qk_scale, cap2, int(window or 0), int(request.sink_k),
-        kv_u8, tok, kset, ks_keys, ks_beta, kb_keys, kb_bias, hmask, first, offs,
+        kv_u8, tok, prev_tok, kset, ks_keys, ks_beta, kb_keys, kb_bias, hmask, first, offs,
         lse_o, ent_o, amax_o, mprob_o, sink_o, off_o, match_o, next_o, kset_o, lse2_int, coef_int,
     )
     fwd_flags = dict(
@@ -275,8 +286,9 @@ def attention_triton(
                 _colsum_tuned[grid](*cs_args, **flags)
 
         launch()
-        global last_colsum_launch
-        last_colsum_launch = launch
+        if KEEP_COLSUM_LAUNCH:
+            global last_colsum_launch
+            last_colsum_launch = launch
         stats["colsum"] = colsum
 
     # Same key order as the reference (request.names()).

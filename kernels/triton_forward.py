@@ -23,7 +23,8 @@ import triton.language as tl
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 # Token id that no real token has: marks "no previous token" for next_match.
-NO_TOKEN = tl.constexpr(-2147483648)
+NO_TOKEN_ID = -2147483648
+NO_TOKEN = tl.constexpr(NO_TOKEN_ID)
 
 
 @triton.jit
@@ -108,7 +109,7 @@ def _fwd_tile(
     t, q, K_bh, V_bh, skn, skd, svn, svd,
     acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis,
     sink, sinks, offs, mm, mms, nm, nms, km, kms,
-    pos_m, m0, tok_q, KeyValid_b, Tok_b, Keyset_b, KsKeys_b, KbKeys_b, Offs,
+    pos_m, pos0, tok_q, KeyValid_b, Tok_b, PrevTok_b, Keyset_b, KsKeys_b, KbKeys_b, Offs,
     Sk, window, qk_scale, cap2, bias2, uniform, first, sink_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KV: tl.constexpr,
@@ -217,16 +218,18 @@ def _fwd_tile(
         ocol = tl.arange(0, NOFF_PAD)[None, :]
         for o in tl.static_range(NOFF):
             c = tl.load(Offs + o)
-            # Key i - c of the block's first row; later rows' keys follow it.
-            tgt0 = pos_m - c
-            lo_t = tl.min(tgt0, 0)
+            # Rows pos0 .. pos0 + BLOCK_M - 1 look at keys pos0 - c onward: one or two tiles hold them.
+            lo_t = pos0 - c
             if (lo_t < n0 + BLOCK_N) & (lo_t + BLOCK_M > n0):
-                hit = offs_n[None, :] == tgt0[:, None]
+                hit = offs_n[None, :] == (pos_m - c)[:, None]
                 val = tl.max(tl.where(hit, s, float("-inf")), 1)
                 offs = tl.where(ocol == o, tl.maximum(offs, val[:, None]), offs)
 
     if MATCH:
-        tk = tl.load(Tok_b + offs_n, mask=offs_n < Sk, other=NO_TOKEN)
+        if MASKED:
+            tk = tl.load(Tok_b + offs_n, mask=offs_n < Sk, other=NO_TOKEN)
+        else:
+            tk = tl.load(Tok_b + offs_n)
         eq = tok_q[:, None] == tk[None, :]
         if MASKED or not CAUSAL:
             eq = eq & (offs_n[None, :] < pos_m[:, None])
@@ -234,11 +237,11 @@ def _fwd_tile(
         if KEY_SCALE:
             mms = mms * alpha + tl.sum(tl.where(eq, p_set, 0.0), 1)
     if NEXT:
-        pmask = (offs_n >= 1) & (offs_n <= Sk)
-        tp = tl.load(Tok_b + offs_n - 1, mask=pmask, other=NO_TOKEN)
-        if HAS_KV:
-            pv = tl.load(KeyValid_b + offs_n - 1, mask=pmask, other=0)
-            tp = tl.where(pv != 0, tp, NO_TOKEN)
+        # PrevTok[j] = tok[j - 1], or NO_TOKEN where key j - 1 is padding or absent (built on the host).
+        if MASKED:
+            tp = tl.load(PrevTok_b + offs_n, mask=offs_n < Sk, other=NO_TOKEN)
+        else:
+            tp = tl.load(PrevTok_b + offs_n)
         eqn = tok_q[:, None] == tp[None, :]
         if not CAUSAL:
             eqn = eqn & (offs_n[None, :] <= pos_m[:, None])
@@ -246,7 +249,11 @@ def _fwd_tile(
         if KEY_SCALE:
             nms = nms * alpha + tl.sum(tl.where(eqn, p_set, 0.0), 1)
     if KEYSET:
-        w = tl.load(Keyset_b + offs_n, mask=offs_n < Sk, other=0).to(tl.float32)
+        # float32 0/1 weights (host side): no per-tile unpacking of bytes.
+        if MASKED:
+            w = tl.load(Keyset_b + offs_n, mask=offs_n < Sk, other=0.0)
+        else:
+            w = tl.load(Keyset_b + offs_n)
         km = km * alpha + tl.sum(p * w[None, :], 1)
         if KEY_SCALE:
             kms = kms * alpha + tl.sum(p_set * w[None, :], 1)
@@ -271,7 +278,7 @@ def _attn_fwd(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     H, G, Sq, Sk, OFF,
     qk_scale, cap2, window, sink_k,
-    KeyValid, Tok, Keyset, KsKeys, KsBeta, KbKeys, KbBias, HeadMask, First, Offs,
+    KeyValid, Tok, PrevTok, Keyset, KsKeys, KsBeta, KbKeys, KbBias, HeadMask, First, Offs,
     LseO, EntO, AmaxO, MprobO, SinkO, OffO, MatchO, NextO, KsetO, Lse2Int, CoefInt,
     HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KV: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -307,6 +314,7 @@ def _attn_fwd(
     kb_off = b64 * Sk
     KeyValid_b = KeyValid + kb_off
     Tok_b = Tok + kb_off
+    PrevTok_b = PrevTok + kb_off
     Keyset_b = Keyset + kb_off
     KsKeys_b = KsKeys + kb_off
     KbKeys_b = KbKeys + kb_off
@@ -381,7 +389,7 @@ def _attn_fwd(
          km, kms) = _fwd_tile(
             t, q, K_bh, V_bh, skn, skd, svn, svd,
             acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, sink, sinks, offs, mm, mms, nm, nms,
-            km, kms, pos_m, m0, tok_q, KeyValid_b, Tok_b, Keyset_b, KsKeys_b, KbKeys_b, Offs,
+            km, kms, pos_m, pos0, tok_q, KeyValid_b, Tok_b, PrevTok_b, Keyset_b, KsKeys_b, KbKeys_b, Offs,
             Sk, window, qk_scale, cap2, bias2, uniform, first, sink_k,
             BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, True, CAUSAL, HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS,
             HAS_UNIFORM, KEY_SCALE, ENT, TOPK, KPAD, FAST_TOP1, SINK, NOFF, NOFF_PAD, MATCH, NEXT, KEYSET,
@@ -391,7 +399,7 @@ def _attn_fwd(
          km, kms) = _fwd_tile(
             t, q, K_bh, V_bh, skn, skd, svn, svd,
             acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, sink, sinks, offs, mm, mms, nm, nms,
-            km, kms, pos_m, m0, tok_q, KeyValid_b, Tok_b, Keyset_b, KsKeys_b, KbKeys_b, Offs,
+            km, kms, pos_m, pos0, tok_q, KeyValid_b, Tok_b, PrevTok_b, Keyset_b, KsKeys_b, KbKeys_b, Offs,
             Sk, window, qk_scale, cap2, bias2, uniform, first, sink_k,
             BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, False, CAUSAL, HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS,
             HAS_UNIFORM, KEY_SCALE, ENT, TOPK, KPAD, FAST_TOP1, SINK, NOFF, NOFF_PAD, MATCH, NEXT, KEYSET,
@@ -401,7 +409,7 @@ def _attn_fwd(
          km, kms) = _fwd_tile(
             t, q, K_bh, V_bh, skn, skd, svn, svd,
             acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, sink, sinks, offs, mm, mms, nm, nms,
-            km, kms, pos_m, m0, tok_q, KeyValid_b, Tok_b, Keyset_b, KsKeys_b, KbKeys_b, Offs,
+            km, kms, pos_m, pos0, tok_q, KeyValid_b, Tok_b, PrevTok_b, Keyset_b, KsKeys_b, KbKeys_b, Offs,
             Sk, window, qk_scale, cap2, bias2, uniform, first, sink_k,
             BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, True, CAUSAL, HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS,
             HAS_UNIFORM, KEY_SCALE, ENT, TOPK, KPAD, FAST_TOP1, SINK, NOFF, NOFF_PAD, MATCH, NEXT, KEYSET,
