@@ -140,7 +140,7 @@ def table(rows) -> str:
         "TFLOP/s (forward, causal, bf16; colsum counted at its own FLOPs = half a forward) and ratios:",
         f"{'D':>4} {'S':>6} {'BxH':>7} | {'(a)out':>7} {'(b)stats':>8} {'(c)cols':>7} {'(d)flash':>8} "
         f"{'(d)cudnn':>8} {'(e)eager':>8} | {'b/d':>5} {'b/dp':>5} {'tc/tb':>5} {'b/a':>5} | "
-        f"{'peak b':>7} {'peak d':>7} {'peak e':>7} {'mem b/d':>7}",
+        f"{'peak b':>7} {'peak d':>7} {'peak e':>7} {'mem b/d':>7} {'xtra b/d':>8}",
     ]
     for r in rows:
         tf = {t: r.get(f"tflops_{t}") for t in ("a", "b", "c", "d", "dp", "e")}
@@ -153,8 +153,10 @@ def table(rows) -> str:
             f"{fmt(tf['c']):>7} {fmt(tf['d']):>8} {fmt(tf['dp']):>8} "
             f"{fmt(tf['e']) if tf['e'] else ('OOM' if r.get('t_e') == 'OOM' else '-'):>8} | "
             f"{ratio(tf['b'], tf['d'])} {ratio(tf['b'], tf['dp'])} {tc_tb} {ratio(tf['b'], tf['a'])} | "
-            f"{r['mem_b']:7.2f} {fmt(pd, '7.2f'):>7} {pe} {ratio(r['mem_b'], pd)}")
-    lines.append("peak = GiB allocated at the peak of one call, inputs included (same inputs for every column).")
+            f"{r['mem_b']:7.2f} {fmt(pd, '7.2f'):>7} {pe} {ratio(r['mem_b'], pd)}    "
+            f"{ratio(r['extra_b'], r.get('extra_d'))}")
+    lines.append("peak = GiB allocated at the peak of one call, inputs included (same inputs for every column);"
+                 " xtra = the part above what was allocated before the call (outputs, statistics, workspace).")
     return "\n".join(lines)
 
 
