@@ -160,11 +160,47 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+BREAKDOWN = [
+    ("output only", StatsRequest()),
+    ("+ lse", StatsRequest(lse=True)),
+    ("+ entropy", StatsRequest(lse=True, entropy=True)),
+    ("+ top-1", StatsRequest(lse=True, entropy=True, topk=1)),
+    ("+ sink, offset 1", StatsRequest(lse=True, entropy=True, topk=1, sink_k=1, offsets=(1,))),
+    ("+ keyset", StatsRequest(lse=True, entropy=True, topk=1, sink_k=1, offsets=(1,), keyset=True)),
+    ("+ match", StatsRequest(lse=True, entropy=True, topk=1, sink_k=1, offsets=(1,), keyset=True, match=True)),
+    ("+ next_match (= all)", StatsRequest.all(topk=1, sink_k=1, offsets=(1,), keyset=True, colsum=False)),
+    ("match + next_match only", StatsRequest(match=True, next_match=True)),
+]
+
+
+def breakdown(dims, S=16384) -> str:
+    """Cumulative cost of each statistic at one length: where the time of (b) goes."""
+    lines = [f"Cumulative statistics cost, causal bf16, S={S}, batch 1 (ms; TFLOP/s; x of output-only):"]
+    for D in dims:
+        H = HIDDEN // D
+        g = torch.Generator(device="cuda").manual_seed(7 + D)
+        q, k, v = (torch.randn(1, H, S, D, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        tok = torch.randint(0, 32000, (1, S), generator=g, device="cuda")
+        kset = torch.rand(1, S, generator=g, device="cuda") < 0.05
+        flops = 4 * H * S * S * D / 2
+        base = None
+        for name, req in BREAKDOWN:
+            fn = lambda: ta.attention_triton(q, k, v, causal=True, request=req, token_ids=tok,  # noqa: E731
+                                             keyset=kset if req.keyset else None)
+            fn()
+            t = timeit(fn)
+            base = base or t
+            lines.append(f"  d{D:<4d} {name:26s} {t:8.3f} ms {flops / t / 1e9:6.0f} TFLOP/s  x{base / t:5.2f}")
+        del q, k, v
+    return "\n".join(lines)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--seqs", default="1024,4096,16384,32768,65536")
     ap.add_argument("--quick", action="store_true", help="d64/d128 at 4k and 16k only")
+    ap.add_argument("--breakdown", action="store_true", help="also: cumulative cost of each statistic at 16k")
     args = ap.parse_args()
     dims = [int(x) for x in args.dims.split(",")]
     seqs = [4096, 16384] if args.quick else [int(x) for x in args.seqs.split(",")]
@@ -187,6 +223,8 @@ def main():
     print(f"\nbench wall {time.perf_counter() - t0:.0f}s; autotuned configs:")
     for k_, v_ in tuned.items():
         print(f"  {k_}: {v_}")
+    if args.breakdown:
+        print(breakdown(dims))
     print(table(rows))
 
 

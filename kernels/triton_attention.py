@@ -78,14 +78,16 @@ def _prune_for_dim(table):
     return prune
 
 
-# The key is kept small so a model's 30 layers hit one tuning result: head_dim, dtype and the
-# "heavy" flag (statistics that add per-element work and registers).
+# The key is kept small so a model's 30 layers hit one tuning result: head_dim, dtype, the "heavy"
+# flag (statistics that add per-element work and registers) and a coarse length bucket (the best
+# tile at 1k tokens is not the best at 64k). LEN_BUCKET is a plain int argument the kernels never
+# read, always a multiple of 16, so a new bucket re-tunes but never recompiles.
 _fwd_tuned = triton.autotune(
-    configs=_configs(_FWD_CONFIGS), key=["HEAD_DIM", "PREC", "HEAVY"],
+    configs=_configs(_FWD_CONFIGS), key=["HEAD_DIM", "PREC", "HEAVY", "LEN_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_for_dim(_FWD_CONFIGS)},
 )(_attn_fwd) if not _interpreting() else None
 _colsum_tuned = triton.autotune(
-    configs=_configs(_COLSUM_CONFIGS), key=["HEAD_DIM", "PREC"],
+    configs=_configs(_COLSUM_CONFIGS), key=["HEAD_DIM", "PREC", "LEN_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_for_dim(_COLSUM_CONFIGS)},
 )(_colsum_kernel) if not _interpreting() else None
 
@@ -108,6 +110,12 @@ def _small_config(interp: bool, head_dim: int) -> dict:
     if interp:
         return {"BLOCK_M": INTERPRET_TILES[0], "BLOCK_N": INTERPRET_TILES[1]}
     return {"BLOCK_M": 16, "BLOCK_N": 64 if head_dim >= 256 else 128}
+
+
+def _len_bucket(Sq: int, Sk: int) -> int:
+    """16 (<= 2k keys), 32 (<= 8k), 48 (<= 32k), 64 (longer)."""
+    b = 16 if Sk <= 2048 else 32 if Sk <= 8192 else 48 if Sk <= 32768 else 64
+    return b
 
 
 def _as_u8(t: torch.Tensor | None, B: int, Sk: int, dev) -> torch.Tensor:
@@ -232,6 +240,7 @@ def attention_triton(
     heavy = bool(request.entropy or request.topk or request.match or request.next_match or request.keyset
                  or key_scale is not None)
     topk = request.topk
+    bucket = _len_bucket(Sq, Sk)
     fwd_args = (
         q, k, v, out, *q.stride(), *k.stride(), *v.stride(),
         H, G, Sq, Sk, OFF, qk_scale, cap2, int(window or 0), int(request.sink_k),
@@ -248,10 +257,11 @@ def attention_triton(
     if interp or Sq < 64:
         small = _small_config(interp, HEAD_DIM)
         grid = (triton.cdiv(Sq, small["BLOCK_M"]), B * H)
-        _attn_fwd[grid](*fwd_args, **fwd_flags, HEAVY=heavy, **small, num_warps=4, num_stages=2)
+        _attn_fwd[grid](*fwd_args, **fwd_flags, HEAVY=heavy, LEN_BUCKET=bucket, **small, num_warps=4,
+                        num_stages=2)
     else:
         grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)  # noqa: E731
-        _fwd_tuned[grid](*fwd_args, **fwd_flags, HEAVY=heavy)
+        _fwd_tuned[grid](*fwd_args, **fwd_flags, HEAVY=heavy, LEN_BUCKET=bucket)
 
     if request.match or request.next_match:
         mc = empty(B, Sq) if request.match else dummy_f
@@ -280,10 +290,10 @@ def attention_triton(
             if interp or Sq < 64:
                 small = _small_config(interp, HEAD_DIM)
                 grid = (triton.cdiv(Sk, small["BLOCK_N"]), B * H)
-                _colsum_kernel[grid](*cs_args, **flags, **small, num_warps=4, num_stages=2)
+                _colsum_kernel[grid](*cs_args, **flags, LEN_BUCKET=bucket, **small, num_warps=4, num_stages=2)
             else:
                 grid = lambda meta: (triton.cdiv(Sk, meta["BLOCK_N"]), B * H)  # noqa: E731
-                _colsum_tuned[grid](*cs_args, **flags)
+                _colsum_tuned[grid](*cs_args, **flags, LEN_BUCKET=bucket)
 
         launch()
         if KEEP_COLSUM_LAUNCH:

@@ -81,7 +81,7 @@ def _colsum_kernel(
     HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KV: tl.constexpr, SOFTCAP: tl.constexpr,
     KEY_BIAS: tl.constexpr, KEY_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_UNIFORM: tl.constexpr,
-    PRESCALED: tl.constexpr, PREC: tl.constexpr,
+    PRESCALED: tl.constexpr, PREC: tl.constexpr, LEN_BUCKET,
 ):
     """Grid (cdiv(Sk, BLOCK_N), B * H). Lse2 [B, H, Sq] base-2 lse (+inf for rows that see nothing),
     Coef [B, H, Sq, 2] ACT factors; writes Colsum [B, H, Sk] float32 (NaN for zero-ablated heads)."""

@@ -286,7 +286,7 @@ def _attn_fwd(
     LSE: tl.constexpr, ENT: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr,
     SINK: tl.constexpr, NOFF: tl.constexpr, NOFF_PAD: tl.constexpr, MATCH: tl.constexpr,
     NEXT: tl.constexpr, KEYSET: tl.constexpr, SAVE_LSE: tl.constexpr, PREC: tl.constexpr,
-    PRESCALED: tl.constexpr, FAST_TOP1: tl.constexpr, HEAVY: tl.constexpr,
+    PRESCALED: tl.constexpr, FAST_TOP1: tl.constexpr, HEAVY: tl.constexpr, LEN_BUCKET,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * H). Out [B, H, Sq, D] contiguous; statistics [B, H, Sq(, n)] float32.
 
