@@ -68,22 +68,27 @@ class RankOptions:
     prompts: str | None = None
     quiet: bool = False
     per_kind: dict[str, dict] = field(default_factory=dict)
+    from_flags: set[str] = field(default_factory=set)  # options given on the command line
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
     def detector_config(self, kind: str) -> DetectorConfig:
-        """The DetectorConfig for one kind: CLI/top-level values over [detectors.<kind>] values over
-        CLI_DEFAULTS; keys that are not DetectorConfig fields go to `params`."""
-        table = {**CLI_DEFAULTS.get(kind, {}), **self.per_kind.get(kind, {})}
-        cfg = {k: v for k, v in table.items() if k in _CONFIG_FIELDS}
-        params = {k: v for k, v in table.items() if k not in _CONFIG_FIELDS}
-        for name in ("seq_len", "n_prompts", "batch_size"):
+        """The DetectorConfig for one kind. Precedence, highest first: a command-line flag, the
+        file's [detectors.<kind>] table, the file's top level, CLI_DEFAULTS[kind], the detector's
+        own default. Table keys that are not DetectorConfig fields go to `params`."""
+        table = self.per_kind.get(kind, {})
+        cfg = {k: v for k, v in CLI_DEFAULTS.get(kind, {}).items() if k in _CONFIG_FIELDS}
+        params = {k: v for k, v in CLI_DEFAULTS.get(kind, {}).items() if k not in _CONFIG_FIELDS}
+        for name in ("seq_len", "n_prompts", "batch_size", "seed", "top_k", "n_random", "validate"):
             if getattr(self, name) is not None:
                 cfg[name] = getattr(self, name)
-        cfg.update(seed=self.seed, top_k=self.top_k, n_random=self.n_random, validate=self.validate,
-                   progress=not self.quiet, prompts_file=self.prompts)
+        for k, v in table.items():
+            if k in self.from_flags:
+                continue
+            (cfg if k in _CONFIG_FIELDS else params)[k] = v
+        cfg.update(progress=not self.quiet, prompts_file=self.prompts)
         return DetectorConfig(**cfg, params=params)
 
 
@@ -131,13 +136,15 @@ def parse_kinds(value) -> list[str]:
 def resolve(args) -> RankOptions:
     """argparse Namespace (None = flag not given) over the --config file over defaults."""
     values = read_config_file(args.config) if getattr(args, "config", None) else {}
+    flags = set()
     for name in _TOP_LEVEL - {"kinds", "detectors"}:
         flag = getattr(args, name, None)
         if flag is not None:
             values[name] = flag
+            flags.add(name)
     if getattr(args, "detectors", None) is not None:
         values["kinds"] = args.detectors
-    opts = RankOptions(**values)
+    opts = RankOptions(**values, from_flags=flags)
     opts.kinds = parse_kinds(opts.kinds)
     _check(opts)
     return opts

@@ -91,7 +91,7 @@ def test_same_seed_same_json_bytes(tmp_path, fake_registry, shared_model):
 
 def test_config_file_and_flags(tmp_path, fake_registry, shared_model):
     cfg = tmp_path / "rank.toml"
-    cfg.write_text('kinds = ["previous_token"]\nseq_len = 12\nseed = 5\ntop_k = 3\nvalidate = false\n'
+    cfg.write_text('kinds = ["previous_token"]\nseq_len = 12\nn_prompts = 5\nseed = 5\ntop_k = 3\nvalidate = false\n'
                    f'out = "{tmp_path / "from_file"}"\n[detectors.previous_token]\nn_prompts = 2\n')
     flags = ["--config", str(cfg), "--quiet"]
     assert run_cli(*flags) == 0
@@ -100,10 +100,10 @@ def test_config_file_and_flags(tmp_path, fake_registry, shared_model):
     run = json.loads((tmp_path / "from_file" / "run.json").read_text())
     cfg_used = run["detector_configs"]["previous_token"]
     assert (cfg_used["seq_len"], cfg_used["n_prompts"], cfg_used["seed"], cfg_used["top_k"]) == (12, 2, 5, 3)
-    # A flag overrides the file.
-    assert run_cli(*flags, "--seq-len", "10", "--out", str(tmp_path / "flag")) == 0
+    # A flag overrides the file, its top level and its [detectors.<kind>] table alike.
+    assert run_cli(*flags, "--seq-len", "10", "--n-prompts", "1", "--out", str(tmp_path / "flag")) == 0
     run = json.loads((tmp_path / "flag" / "run.json").read_text())
-    assert run["detector_configs"]["previous_token"]["seq_len"] == 10
+    assert (run["detector_configs"]["previous_token"]["seq_len"], run["detector_configs"]["previous_token"]["n_prompts"]) == (10, 1)
 
 
 @pytest.mark.parametrize("case", ["unknown_detector", "seq_len_too_short", "seq_len_too_short_at_run",
@@ -197,3 +197,28 @@ def test_two_processes_match_one(tmp_path, fake_registry, shared_model):
     for kind in ("sink", "previous_token"):
         np.testing.assert_allclose(a["validation"][kind]["top_k_damage"], b["validation"][kind]["top_k_damage"],
                                    rtol=1e-6)
+
+
+def test_rank_with_the_real_sink_and_previous_token_detectors(tmp_path, shared_model, capsys):
+    """The shipped detectors through the CLI, at tiny sizes: schema, Gu et al.'s Sink_1^eps in the
+    summary, the real detectors' own seq_len checks reported as bad input."""
+    pytest.importorskip("headscope.circuits.detect_sink")
+    pytest.importorskip("headscope.circuits.detect_positional")
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text("seq_len = 12\nn_prompts = 2\nbatch_size = 2\ntop_k = 2\nn_random = 1\n"
+                   "[detectors.sink]\nvalidation_prompts = 2\ncompare_no_bos = false\n"
+                   "[detectors.previous_token]\nvalidation_prompts = 2\n")
+    out = tmp_path / "real"
+    assert run_cli("--config", str(cfg), "--detectors", "sink,previous_token", "--out", str(out), "--quiet") == 0
+    doc = json.loads((out / "heads.json").read_text())
+    assert {r["kind"] for r in doc["scores"]} == {"sink", "previous_token"}
+    assert set(doc["validation"]) == {"sink", "previous_token"}
+    sink = pd.DataFrame([r for r in doc["scores"] if r["kind"] == "sink"])
+    eps = doc["summary"]["sink"]["eps"]
+    assert doc["summary"]["sink"]["sink_ratio"] == pytest.approx(float((sink["score"] > eps).mean()))
+    assert sink["score"].between(0, 1).all() and sorted(sink["rank"]) == list(range(1, 271))
+    assert "sink_ratio" in (out / "report.html").read_text()
+    # A real detector's own check on seq_len (induction needs a period of at least 4 tokens).
+    assert run_cli("--detectors", "induction", "--seq-len", "6", "--out", str(tmp_path / "short"), "--quiet") == 2
+    err = capsys.readouterr().err
+    assert "induction" in err and "seq_len" in err and not (tmp_path / "short").exists()
