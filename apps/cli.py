@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
 
 from headscope.kernels.errors import HeadscopeError
@@ -36,6 +37,10 @@ def _unavailable(reason: str) -> int:
     return 2
 
 
+def _terminated(signum, frame):
+    raise KeyboardInterrupt
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="headscope", description="Mechanistic interpretability for attention heads.")
     sub = parser.add_subparsers(dest="command", metavar="{rank,explore,sae}")
@@ -52,6 +57,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help(sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # A terminated run (kill, a scheduler's time limit) unwinds like Ctrl-C, so the temporary report
+    # directory is removed rather than left beside --out.
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         return int(args.func(args) or 0)
     except HeadscopeError as exc:
