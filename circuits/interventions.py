@@ -20,7 +20,7 @@ from .ablation import heads_by_layer
 
 def as_batches(model: HeadscopeModel, batches) -> list[dict]:
     """Texts (str or list of str) or an iterable of tokenized batch dicts -> list of batch dicts."""
-    if isinstance(batches, str):
+    if isinstance(batches, (str, dict)):
         batches = [batches]
     batches = list(batches)
     if not batches:

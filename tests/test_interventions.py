@@ -1,0 +1,123 @@
+"""Mean and resample ablation: the right z replaced, the known damage done, the model left as it was."""
+
+import pytest
+import torch
+
+from headscope.circuits.ablation import ablate_heads
+from headscope.circuits.interventions import mean_ablate, mean_z, resample_ablate
+from headscope.kernels.stats import StatsRequest
+from headscope.probe.errors import HeadIndexError, InputError
+
+TEXTS = ["The cat sat on the warm mat by the door.", "Rain fell over the quiet town all night long."]
+
+
+def _repeated(model, T=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = torch.randint(1000, 10000, (2, T), generator=g)
+    ids = torch.cat([torch.ones(2, 1, dtype=torch.long), r, r], 1)
+    return ids, T
+
+
+def _halves_loss(model, ids, T):
+    """Mean next-token loss on the first (random) copy and on the second (repeated) copy."""
+    with torch.no_grad():
+        logits = model.hf(input_ids=ids, use_cache=False).logits
+    nll = -torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None])[..., 0]
+    return float(nll[:, 1:T].mean()), float(nll[:, T + 1:].mean())
+
+
+@pytest.fixture(scope="module")
+def induction(model):
+    ids, T = _repeated(model)
+    _, rec = model.run_recorded(ids, None, StatsRequest(offsets=(T - 1,)))
+    score = rec.stats["offset_mass"][:, :, :, T + 1:, 0].mean((0, 3))  # [L, H] on the second copy
+    order = torch.argsort(score.flatten(), descending=True)
+    H = model.meta.n_heads
+    top = [divmod(int(i), H) for i in order[:4]]
+    return ids, T, top, score
+
+
+def test_mean_z_matches_recorded_average(model):
+    heads = [(3, 1), (5, 4)]
+    zm = mean_z(model, TEXTS, heads)
+    batch = model.tokenize(TEXTS, prepend_bos=True)
+    _, rec = model.run_recorded(batch["input_ids"], batch["attention_mask"], head_out=[3, 5])
+    valid = batch["attention_mask"].bool()
+    for l in (3, 5):
+        ref = rec.z(l)[valid].mean(0)  # [H, D]
+        torch.testing.assert_close(zm[l], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_mean_ablation_replaces_z_and_composes_with_recording(model):
+    heads = [(4, 2), (4, 7)]
+    zm = mean_z(model, TEXTS, heads)
+    batch = model.tokenize(["A completely different sentence about ships."], prepend_bos=True)
+    with mean_ablate(model, heads, zm):
+        _, rec = model.run_recorded(batch["input_ids"], batch["attention_mask"], head_out=[4])
+    _, clean = model.run_recorded(batch["input_ids"], batch["attention_mask"], head_out=[4])
+    z, z0 = rec.z(4)[0], clean.z(4)[0]  # [S, H, D]
+    for h in (2, 7):
+        torch.testing.assert_close(z[:, h], zm[4][h].expand_as(z[:, h]))
+    others = [h for h in range(model.meta.n_heads) if h not in (2, 7)]
+    torch.testing.assert_close(z[:, others], z0[:, others])
+
+
+def test_resample_uses_source_z(model):
+    src = model.tokenize(["Numbers like seven and eight follow six in order here."], prepend_bos=True)
+    tgt = model.tokenize(["The dog ran."], prepend_bos=True)
+    S = tgt["input_ids"].shape[1]
+    _, rs = model.run_recorded(src["input_ids"], src["attention_mask"], head_out=[6])
+    with resample_ablate(model, [(6, 3)], src):
+        _, rec = model.run_recorded(tgt["input_ids"], tgt["attention_mask"], head_out=[6])
+    torch.testing.assert_close(rec.z(6)[0, :, 3], rs.z(6)[0, :S, 3])
+    with pytest.raises(InputError, match="at least as long"):
+        with resample_ablate(model, [(6, 3)], tgt):
+            model.hf(**src)
+
+
+def test_ablating_induction_heads_raises_loss_on_repeats(model, induction):
+    ids, T, top, score = induction
+    assert score.max() > 0.3, "the embedded model should have induction heads"
+    first0, base = _halves_loss(model, ids, T)
+    zm = mean_z(model, TEXTS, top)
+    results = {}
+    for name, ctx in (("zero_top", lambda: ablate_heads(model, top)),
+                      ("mean_top", lambda: mean_ablate(model, top, zm)),
+                      ("resample_top", lambda: resample_ablate(model, top, {"input_ids": _repeated(model, seed=1)[0]}))):
+        with ctx():
+            results[name] = _halves_loss(model, ids, T)
+    for name, (first, second) in results.items():
+        # the repeated half gets much harder to predict; the random half, unpredictable anyway, much less so
+        assert second > base + 0.5, name
+        assert second - base > 2 * (first - first0), name
+
+
+def test_model_unchanged_after_each_context(model):
+    batch = model.tokenize(TEXTS, prepend_bos=True)
+    with torch.no_grad():
+        before = model.hf(**batch).logits
+    zm = mean_z(model, TEXTS, [(2, 2)])
+    with mean_ablate(model, [(2, 2)], zm):
+        model.hf(**batch)
+    with resample_ablate(model, [(2, 2)], batch):
+        model.hf(**batch)
+    with torch.no_grad():
+        after = model.hf(**batch).logits
+    assert torch.equal(before, after)
+    assert model.state.edits == {}
+
+
+def test_bad_input(model):
+    with pytest.raises(HeadIndexError):
+        mean_z(model, TEXTS, [(30, 0)])
+    with pytest.raises(HeadIndexError):
+        with mean_ablate(model, [(0, 9)], reference_batches=TEXTS):
+            pass
+    with pytest.raises(InputError, match="needs z_means"):
+        with mean_ablate(model, [(0, 1)]):
+            pass
+    with pytest.raises(InputError, match="empty"):
+        mean_z(model, [], [(0, 1)])
+    with pytest.raises(InputError, match="shape"):
+        with mean_ablate(model, [(0, 1)], {0: torch.zeros(3, 3)}):
+            pass

@@ -1,0 +1,90 @@
+"""Memory injection: equals an o_proj bias of tau * m, raises the answer's probability, positions,
+hooks removed, bad input."""
+
+import copy
+
+import pytest
+import torch
+
+from headscope.circuits.memory_injection import answer_probs, inject_memory, injection_sweep, memory_vector, sweep_heatmap
+from headscope.kernels.stats import StatsRequest
+from headscope.probe.errors import HeadIndexError, InputError
+
+PROMPT = "My favourite city to visit in Europe is"
+
+
+def test_memory_vector_is_summed_embeddings(model):
+    ids = model.tokenizer(" Eiffel Tower", add_special_tokens=False)["input_ids"]
+    E = model.hf.get_input_embeddings().weight
+    torch.testing.assert_close(memory_vector(model, " Eiffel Tower"), E[ids].sum(0))
+
+
+def test_injection_equals_o_proj_bias(model):
+    layer, tau = 5, 3.0
+    batch = model.tokenize([PROMPT], prepend_bos=True)
+    ref = copy.deepcopy(model.hf)
+    o = ref.model.layers[layer].self_attn.o_proj
+    o.bias = torch.nn.Parameter(tau * memory_vector(model, " Paris"))
+    with torch.no_grad():
+        want = ref(**batch).logits
+        before = model.hf(**batch).logits
+        with inject_memory(model, " Paris", layer, tau):
+            got = model.hf(**batch).logits
+        after = model.hf(**batch).logits
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert torch.equal(before, after)
+    assert not model.attention_modules[layer]._forward_hooks
+
+
+def test_injecting_the_answer_raises_its_probability(model):
+    base = answer_probs(model, [PROMPT], [" Paris"])
+    with inject_memory(model, " Paris", 6, 4.0):
+        up = answer_probs(model, [PROMPT], [" Paris"])
+    assert up > 1.5 * base
+
+
+def test_positions_mask_and_recording(model):
+    batch = model.tokenize([PROMPT], prepend_bos=True)
+    S = batch["input_ids"].shape[1]
+    last = torch.zeros(S, dtype=torch.bool)
+    last[-1] = True
+    with torch.no_grad():
+        base = model.hf(**batch).logits
+        with inject_memory(model, " Paris", 4, 5.0, positions=last):
+            _, rec = model.run_recorded(batch["input_ids"], batch["attention_mask"], StatsRequest(entropy=True))
+            out = model.hf(**batch).logits
+    torch.testing.assert_close(out[0, :-1], base[0, :-1], atol=1e-6, rtol=0)  # causal: earlier positions untouched
+    assert (out[0, -1] - base[0, -1]).abs().max() > 1e-2
+    assert rec.stats["entropy"].shape[:2] == (1, model.meta.n_layers)
+
+
+def test_sweep_table_and_heatmap(model):
+    items = [{"question": PROMPT, "memory": " Paris", "answer": " Paris"},
+             {"question": "The largest planet in our solar system is", "memory": " Jupiter", "answer": " Jupiter"}]
+    df = injection_sweep(model, items, layers=[6], taus=[4])
+    base = answer_probs(model, [it["question"] for it in items], [it["answer"] for it in items])
+    with inject_memory(model, [it["memory"] for it in items], 6, 4):
+        after = answer_probs(model, [it["question"] for it in items], [it["answer"] for it in items])
+    assert df.median_rel_change[0] == pytest.approx(float(((after - base) / base).median()), rel=1e-4)
+    assert sweep_heatmap(df).data[0].z.shape == (1, 1)
+
+
+def test_bad_input(model):
+    with pytest.raises(InputError, match="empty memory"):
+        with inject_memory(model, "", 3, 1.0):
+            pass
+    with pytest.raises(InputError, match="empty memory"):
+        with inject_memory(model, "   ", 3, 1.0):
+            pass
+    with pytest.raises(InputError, match="finite"):
+        with inject_memory(model, "Paris", 3, float("nan")):
+            pass
+    with pytest.raises(HeadIndexError):
+        with inject_memory(model, "Paris", model.meta.n_layers, 1.0):
+            pass
+    with pytest.raises(InputError, match="d_model"):
+        with model.add_to_attention_output(0, torch.zeros(7)):
+            pass
+    with pytest.raises(InputError, match="NaN"):
+        with model.add_to_attention_output(0, torch.full((model.meta.d_model,), float("nan"))):
+            pass
