@@ -275,10 +275,53 @@ def _has(module: str) -> bool:
 
 
 # ---- SAE latents ---------------------------------------------------------------------------------
-def test_sae_page_without_saved_sae(app):
+@pytest.fixture()
+def saved_sae(tmp_path):
+    from headscope.sae.architectures import SAE, SAEConfig
+    from headscope.sae.saelens_format import save_sae
+
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=9 * 64, d_sae=64, arch="topk", k=8, model="smollm2-135m-instruct", layer=2, site="z",
+                        n_heads=9, head_dim=64))
+    with torch.no_grad():
+        sae.b_enc.add_(0.05)  # some latents fire on every token
+    return save_sae(sae, tmp_path / "sae"), sae
+
+
+def test_sae_page_latents_attribution_and_contexts(app, model, saved_sae):
+    path, sae = saved_sae
     at = app(page="SAE latents")
-    assert errors(at) == [] or any("SAE" in e for e in errors(at))
-    assert at.text_input(key="sae_dir").value == ""
+    assert errors(at) == [] and any("Enter the directory" in i.value for i in at.info)
+    at.text_input(key="sae_dir").set_value(str(path)).run()
+    assert errors(at) == []
+    assert "topk SAE" in at.caption[0].value and "64 latents" in at.caption[0].value
+    # Independent encode: z of layer 2 from the recorder, (z - b_dec) W_enc + b_enc, relu, top-8.
+    ids = ids_of(model)
+    _, rec = model.run_recorded(ids, None, None, head_out=[2], stop_after_layer=2)
+    x = rec.z(2)[0, 1:].reshape(ids.shape[1] - 1, -1).double()
+    W_enc, b_enc, b_dec = (t.detach().double() for t in (sae.W_enc, sae.b_enc, sae.b_dec))
+    pre = torch.relu((x - b_dec) @ W_enc + b_enc)
+    v, i = pre.topk(8, dim=-1)
+    f = torch.zeros_like(pre).scatter(-1, i, v)
+    latents = at.dataframe[0].value
+    ref_best = f.max(0).values
+    np.testing.assert_allclose(latents["max_activation"], ref_best.topk(10).values.numpy(), rtol=1e-4)
+
+    top = int(latents["latent"][0])
+    at.number_input(key="sae_latent").set_value(top).run()
+    shares = figure_data(at)[0]["y"]
+    norms = sae.W_dec.detach().reshape(64, 9, 64).norm(dim=-1)[top]
+    np.testing.assert_allclose(shares, (norms / norms.sum()).numpy(), rtol=1e-5)
+    at.number_input(key="sae_docs").set_value(0).run()
+    at.button(key="sae_top").click().run()
+    contexts = at.dataframe[1].value
+    assert errors(at) == [] and contexts["activation"][0] == pytest.approx(float(ref_best[top]), rel=1e-4)
+    assert "[[" in contexts["context"][0]
+
+    at.number_input(key="sae_latent").set_value(64).run()
+    assert any("latent 64 is out of range" in e for e in errors(at))
+    at.text_input(key="sae_dir").set_value(str(path.parent / "nothing")).run()
+    assert errors(at)  # a missing SAE directory is an in-page error
 
 
 # ---- the launcher --------------------------------------------------------------------------------
