@@ -1,0 +1,134 @@
+"""Attention-sink detector (Gu et al. 2024, "When Attention Sink Emerges in Language Models").
+
+Per head, alpha = mean attention that key 0 receives over all queries (its own row included, where
+it is 1), on T = 64-token natural-text prompts: alpha = colsum_0 / T = mean_i sink_mass_i. The
+model-level metric is Sink_1^eps = fraction of heads with alpha > eps (eps = 0.3); published:
+GPT2-XL 77.0%, Llama-2-7B 92.5%, Llama-3-8B 99.0%.
+
+BOS: Gu et al. measure with the model's BOS at position 0 where it has one. SmolLM2's tokenizer
+declares <|im_start|> (id 1) as BOS but never adds it; we put the declared BOS at position 0 (as
+TransformerLens' to_tokens does), and because the model did not see a BOS on every training
+sequence, the summary also gives Sink_1^eps with the first text token at position 0
+(`sink_ratio_no_bos`): Gu et al. find the sink on the first token whatever that token is.
+
+Sink tokens beyond position 0 (ACT's rule): key j >= 1 is a sink in a head when
+colsum_j / (S - j) > 0.1, judged only for keys seen by at least `min_queries` (8) queries (the
+mean over fewer rows is dominated by the key's own row, which every head weights).
+
+Causal check: zero-ablating a head that parks its attention on the sink removes an output that is
+small by design, so it tests the wrong thing. We remove the sink itself instead: in the top-k
+heads attention on key 0 is scaled by beta = 0 and its mass redistributed over the other keys
+(ACT's key_scale arithmetic), vs the same in k random heads; damage = natural-text loss increase.
+
+Parameters (config.params): eps (0.3), bos (True), sink_threshold (0.1), min_queries (8),
+compare_no_bos (True), validation_prompts (16).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from contextlib import contextmanager
+
+import torch
+
+from headscope.kernels.stats import StatsRequest
+from headscope.probe import LayerEdit
+from headscope.probe.errors import InputError
+
+from .ablation import heads_by_layer
+from .detect_positional import _bos, _texts
+from .detectors import DetectorConfig
+from .prompts import text_windows
+from .runs import recorded_batches, token_loss
+from .scores import DetectorResult, head_scores, top_heads
+from .validation import validate_heads
+
+DEFAULTS = dict(seq_len=64, n_prompts=64, eps=0.3, sink_threshold=0.1, min_queries=8)
+
+
+def _param(config: DetectorConfig, name: str):
+    return config.params.get(name, DEFAULTS[name])
+
+
+def sink_alpha(model, tokens: torch.Tensor, config: DetectorConfig, threshold: float, min_queries: int,
+               desc: str = "sink"):
+    """(alpha [L, H], extra_sinks [L, H] mean count per prompt, sink-token Counter, prompts with any)."""
+    S = tokens.shape[1]
+    L, H = model.meta.n_layers, model.meta.n_heads
+    alpha = torch.zeros(L, H, dtype=torch.float64)
+    extra = torch.zeros(L, H, dtype=torch.float64)
+    token_counts: Counter = Counter()
+    judged = torch.arange(S) >= 1
+    judged &= (S - torch.arange(S)) >= min_queries
+    per_key = (S - torch.arange(S)).double()
+    for ids, _, rec in recorded_batches(model, tokens, StatsRequest(sink_k=1, colsum=True), config.batch_size,
+                                        config.progress, desc):
+        alpha += rec.stat("sink_mass").double().mean(-1).sum(0).cpu()
+        share = rec.stat("colsum").double().cpu() / per_key  # [b, L, H, S]
+        sinks = (share > threshold) & judged
+        extra += sinks.sum(-1).sum(0).double()
+        for b, j in (sinks.any(dim=(1, 2))).nonzero().tolist():
+            token_counts[int(ids[b, j])] += int(sinks[b, :, :, j].sum())
+    return alpha / len(tokens), extra / len(tokens), token_counts
+
+
+def detect_sink(model, config: DetectorConfig) -> DetectorResult:
+    T = config.seq_len if config.seq_len is not None else DEFAULTS["seq_len"]
+    n = config.n_prompts if config.n_prompts is not None else DEFAULTS["n_prompts"]
+    eps, threshold, min_q = float(_param(config, "eps")), float(_param(config, "sink_threshold")), \
+        int(_param(config, "min_queries"))
+    if T < 2:
+        raise InputError(f"sink needs seq_len >= 2 (Gu et al. use 64), got {T}.")
+    if not 0 < eps < 1:
+        raise InputError(f"sink eps must be in (0, 1), got {eps}.")
+    bos = _bos(model, config)
+    tokens, repeated = text_windows(model.tokenizer, _texts(config), T, n, config.seed, bos)
+    alpha, extra, counts = sink_alpha(model, tokens, config, threshold, min_q)
+    ratio = float((alpha > eps).double().mean())
+    summary = {
+        "eps": eps, "seq_len": T, "n_prompts": n, "bos": bos,
+        "bos_token": model.tokenizer.convert_ids_to_tokens(int(tokens[0, 0])) if bos else None,
+        f"sink_ratio": ratio, "sink_ratio_percent": round(100 * ratio, 2),
+        "corpus_repeated": repeated,
+        "extra_sinks": {
+            "rule": f"colsum_j / (S - j) > {threshold}, keys 1..S-{min_q}",
+            "heads_with_extra_sinks": int((extra > 0).sum()),
+            "mean_extra_sinks_per_head_prompt": float(extra.mean()),
+            "top_tokens": [(model.tokenizer.decode([t]), c) for t, c in counts.most_common(10)],
+        },
+    }
+    if bos and config.params.get("compare_no_bos", True):
+        raw, _ = text_windows(model.tokenizer, _texts(config), T, n, config.seed, bos=False)
+        alpha_raw, _, _ = sink_alpha(model, raw, config, threshold, min_q, desc="sink (no BOS)")
+        summary["sink_ratio_no_bos"] = float((alpha_raw > eps).double().mean())
+    df = head_scores("sink", alpha, {"extra_sinks": extra})
+    result = DetectorResult("sink", df, summary)
+    if config.validate:
+        result.validation = validate_sink(model, config, df, T, bos)
+    return result
+
+
+@contextmanager
+def without_sink(model, heads, batch: int, seq_len: int):
+    """In the given heads, scale attention on key 0 by 0 and redistribute it (ACT arithmetic)."""
+    keys = torch.zeros(batch, seq_len, dtype=torch.bool, device=model.device)
+    keys[:, 0] = True
+    edits = {l: LayerEdit(key_scale_beta=torch.where(m, 0.0, 1.0).to(model.device), keys=keys)
+             for l, m in heads_by_layer(model, heads).items()}
+    with model.edit_attention(edits):
+        yield model
+
+
+def validate_sink(model, config: DetectorConfig, df, T: int, bos: bool):
+    bs = config.batch_size
+    n = bs * max(1, int(config.params.get("validation_prompts", 16)) // bs)
+    tokens, _ = text_windows(model.tokenizer, _texts(config), T, n, config.seed + 10_000, bos)
+    targets = torch.zeros_like(tokens, dtype=torch.bool)
+    targets[:, 1:] = True
+    return validate_heads(model, "sink", top_heads(df, config.top_k), lambda m: token_loss(m, tokens, targets, bs),
+                          config.top_k, config.n_random, config.seed, progress=config.progress,
+                          ablate=lambda m, heads: without_sink(m, heads, bs, T),
+                          metric=f"natural-text loss increase (nats/token, T={T}) when attention on key 0 is "
+                                 "removed (beta = 0, redistributed)",
+                          notes="the sink is removed rather than the head zeroed (see detect_sink); "
+                                "random sets exclude the top heads")
