@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import streamlit as st
 
+from headscope.circuits import ablate_heads
+
 from . import explorer_cache as C
 from . import explorer_state as S
 from .explorer_figures import top_tokens_bars
@@ -11,18 +13,12 @@ from .explorer_figures import top_tokens_bars
 MODES = ("zero ablation", "uniform ablation", "ACT calibration")
 
 
-def _intervention(model, heads, mode: str, beta: float):
-    """The context manager that applies the chosen intervention, or None with an in-page note."""
-    from headscope.circuits import ablate_heads
-
-    if mode != "ACT calibration":
-        return ablate_heads(model, heads, mode=mode.split()[0])
-    try:
-        from headscope.circuits.calibration import calibrate_heads
-    except ImportError:
-        st.info("ACT calibration (headscope.circuits.calibration) is not in this version of headscope yet.")
-        return None
-    return calibrate_heads(model, heads, beta=beta)
+def _show_sinks(model, ids, heads, used) -> None:
+    """Which keys ACT scaled in each head (sinks beyond the first, found on this prompt)."""
+    labels = S.token_labels(model.tokenizer, ids[0].tolist())
+    rows = [{"head": f"L{l}H{h}", "sink tokens scaled": ", ".join(labels[j] for j in used[l][0, h].nonzero()[:, 0].tolist())
+             or "(none beyond the first: this head is unchanged)"} for l, h in heads]
+    st.dataframe(rows, hide_index=True, key="iv_sinks")
 
 
 def render_intervene() -> None:
@@ -40,14 +36,18 @@ def render_intervene() -> None:
     ids, _ = S.encode_prompt(model, st.session_state.get("prompt", ""))
     progress = st.progress(0.0, text="forward without intervention...")
     before = S.next_token_probs(model, ids)
-    context = _intervention(model, heads, mode, beta)
-    if context is None:
-        progress.empty()
-        return
     progress.progress(0.5, text=f"forward with {mode} of {len(heads)} head(s)...")
-    with context:
+    if mode == "ACT calibration":
+        from headscope.circuits.calibration import calibrate
+
+        context = calibrate(model, heads, {"input_ids": ids}, beta=beta)
+    else:
+        context = ablate_heads(model, heads, mode=mode.split()[0])
+    with context as used:
         after = S.next_token_probs(model, ids)
     progress.progress(1.0, text="done")
+    if mode == "ACT calibration":
+        _show_sinks(model, ids, heads, used)
     table = S.compare_top(model.tokenizer, before, after, k=10)
     c = st.columns(3)
     c[0].metric("KL(before || after) nats", f"{S.kl_divergence(before, after):.4g}")

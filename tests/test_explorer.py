@@ -255,23 +255,52 @@ def test_bad_head_lists_are_in_page_errors(app, text, message):
     assert any(message in e for e in errors(at)), errors(at)
 
 
-def test_calibration_mode(app):
-    at = app(page="Intervene", layer=3, head=2)
+def act_sinks(p: torch.Tensor) -> torch.Tensor:
+    """[H, S] bool ACT sinks of one layer's probabilities [H, S, S]: colsum_j / (S - j) > 0.1, first skipped."""
+    S_ = p.shape[-1]
+    sinks = p.sum(1) / torch.arange(S_, 0, -1) > 0.1
+    for h in range(p.shape[0]):
+        first = sinks[h].nonzero()
+        if len(first):
+            sinks[h, first[0, 0]] = False
+    return sinks
+
+
+def test_act_calibration_matches_formula_on_materialised_attention(app, model):
+    ids = ids_of(model)
+    # A head with a sink beyond the first on this prompt, so calibration changes something.
+    layer, head = next((l, h) for l in range(1, 12) for h in range(9) if act_sinks(reference_probs(model, ids, l))[h].any())
+    p = reference_probs(model, ids, layer)[head]
+    sinks = act_sinks(reference_probs(model, ids, layer))[head]
+    beta, mass = 0.4, p[:, sinks].sum(-1, keepdim=True)
+    p_cal = torch.where(sinks[None, :], beta * p, p * (1 - beta * mass) / (1 - mass))
+    _, rec = model.run_recorded(ids, None, None, qkv=[layer], stop_after_layer=layer)
+    v = rec.v[0, 0, head // (9 // 3)].double()
+    z = (p_cal @ v).float()
+    D = model.meta.head_dim
+    hook = model.attention_modules[layer].o_proj.register_forward_pre_hook(
+        lambda mod, args: (torch.cat([args[0][..., :head * D], z[None], args[0][..., (head + 1) * D:]], -1),))
+    try:
+        with torch.no_grad():
+            expected = torch.softmax(model.hf(input_ids=ids, use_cache=False).logits[0, -1].double(), -1)
+    finally:
+        hook.remove()
+
+    at = app(page="Intervene", layer=layer, head=head)
     at.radio(key="iv_mode").set_value("ACT calibration").run()
     assert at.slider(key="iv_beta").value == 0.4
     at.button(key="iv_run").click().run()
-    errs = errors(at)
-    calibration = _has("headscope.circuits.calibration")
-    if not calibration:
-        assert any("ACT calibration" in i.value for i in at.info) and errs == []
-    else:
-        assert errs == [] and len(at.dataframe[0].value) >= 10
+    assert errors(at) == []
+    scaled = at.dataframe[0].value["sink tokens scaled"][0]
+    assert [int(t.split(":")[0]) for t in scaled.split(", ")] == sinks.nonzero()[:, 0].tolist()
+    table = at.dataframe[1].value
+    tok = torch.as_tensor(table["token_id"].to_numpy())
+    np.testing.assert_allclose(table["p_after"], expected[tok].numpy(), atol=1e-5)
+    assert float(np.abs(table["change"]).max()) > 1e-5
 
-
-def _has(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
+    at.slider(key="iv_beta").set_value(1.0).run()  # beta = 1 changes nothing
+    at.button(key="iv_run").click().run()
+    np.testing.assert_allclose(at.dataframe[1].value["change"], 0.0, atol=1e-6)
 
 
 # ---- SAE latents ---------------------------------------------------------------------------------
