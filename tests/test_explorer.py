@@ -110,15 +110,16 @@ def reference_next_probs(model, ids, heads=(), mode="zero") -> torch.Tensor:
 
 
 @pytest.fixture()
-def report_dir(tmp_path):
+def report_dir(tmp_path, model):
+    """A report written by `headscope rank`'s own writer, so a format change there shows up here."""
+    from headscope.apps.rank_output import write_heads
+    from headscope.circuits.scores import DetectorResult, Validation
+
     rng = np.random.default_rng(0)
     grids = {"induction": rng.random((30, 9)), "sink": rng.random((30, 9))}
-    frames = [head_scores(k, g) for k, g in grids.items()]
-    rows = [r for f in frames for r in f[["kind", "layer", "head", "score", "rank"]].to_dict("records")]
-    (tmp_path / "heads.json").write_text(json.dumps({
-        "model": "smollm2-135m-instruct", "n_layers": 30, "n_heads": 9, "scores": rows,
-        "validation": {"induction": {"k": 8, "top_k_damage": 2.5, "random_k_damage": 0.1, "metric": "loss",
-                                     "verdict": "ablating the top-8 induction heads does 25.0x the damage"}}}))
+    results = {k: DetectorResult(k, head_scores(k, g)) for k, g in grids.items()}
+    results["induction"].validation = Validation("induction", 8, "loss", 2.5, [0.1, 0.1], 3.0)
+    write_heads(tmp_path, model.meta, results)
     return tmp_path, grids
 
 
@@ -135,7 +136,11 @@ def test_head_map_from_report_and_head_selection(app, report_dir):
     top = at.dataframe[0].value
     best = np.unravel_index(np.argmax(grids["induction"]), (30, 9))
     assert (top["layer"][0], top["head"][0]) == best
-    assert "25.0x" in at.caption[-1].value
+    assert "25.0x the damage" in at.caption[-1].value
+
+    (path / "heads.json").unlink()  # heads.csv alone is enough
+    at = app(report=str(path), layer=4, head=7)
+    assert errors(at) == [] and at.metric[0].value == f"{grids['induction'][4, 7]:.4f}"
 
     at.radio(key="kind").set_value("sink").run()
     assert at.metric[0].value == f"{grids['sink'][4, 7]:.4f}"
