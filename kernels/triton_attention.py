@@ -66,7 +66,7 @@ def _configs(table):
 def _prune_for_dim(table):
     def prune(configs, named_args, **kwargs):
         d = kwargs.get("HEAD_DIM", named_args.get("HEAD_DIM"))
-        heavy = kwargs.get("HEAVY", named_args.get("HEAVY", False))
+        heavy = kwargs.get("HEAVY", named_args.get("HEAVY", 0))
         keep = {(bm, bn, w, s) for (bm, bn, w, s) in table[d] if not (heavy and (d, bm, bn, w, s) in _LIGHT_ONLY)}
         out, seen = [], set()
         for c in configs:
@@ -237,8 +237,15 @@ def attention_triton(
         KEY_SCALE=key_scale is not None, HAS_ZERO=has_zero, HAS_UNIFORM=has_uniform,
         PRESCALED=prescaled, PREC=prec,
     )
-    heavy = bool(request.entropy or request.topk or request.match or request.next_match or request.keyset
-                 or key_scale is not None)
+    # Tuning class: 0 output / lse / masses guarded to a few tiles, 1 per-element statistics without
+    # token ids, 2 token comparisons, keyset or ACT (most registers). Measured on H100: the tile that
+    # suits class 1 is not the one that suits class 2 (KERNEL_NOTES.md).
+    if request.match or request.next_match or request.keyset or key_scale is not None:
+        heavy = 2
+    elif request.entropy or request.topk:
+        heavy = 1
+    else:
+        heavy = 0
     topk = request.topk
     bucket = _len_bucket(Sq, Sk)
     fwd_args = (
