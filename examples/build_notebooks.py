@@ -142,8 +142,8 @@ copied. Statistics (argmax) are enough: no S x S matrix, so this runs at thousan
     ("code", SETUP),
     ("code", """from headscope.circuits import DetectorConfig, run_detector, top_heads
 
-config = DetectorConfig(seq_len=256 if SMALL else 2048, n_prompts=2 if SMALL else 8, validate=not SMALL,
-                        progress=False)
+config = DetectorConfig(seq_len=128 if SMALL else 2048, n_prompts=2 if SMALL else 8, validate=not SMALL,
+                        progress=False, params={"depths": (0.5,)} if SMALL else {})
 retrieval = run_detector(model, "retrieval", config)
 retrieval.summary"""),
     ("code", """retrieval.scores.head(10)"""),
@@ -165,28 +165,45 @@ and scales the attention they get by beta = 0.4 in chosen heads, giving the free
     ("code", SETUP),
     ("code", """from headscope.circuits import DetectorConfig, run_detector, top_heads
 
-sink = run_detector(model, "sink", DetectorConfig(n_prompts=4 if SMALL else 32, validate=False, progress=False))
+sink = run_detector(model, "sink", DetectorConfig(n_prompts=4 if SMALL else 64, validate=not SMALL, progress=False,
+                                                  params={"compare_no_bos": not SMALL}))
 sink.summary"""),
     ("code", """from headscope.circuits.scores import score_grid
 
 alpha = score_grid(sink.scores, model.meta.n_layers, model.meta.n_heads)
 print(f"Sink_1^0.3 = {(alpha > 0.3).mean():.1%} of heads")
 px.imshow(alpha.T, labels=dict(x="layer", y="head", color="alpha"), title="sink alpha per head")"""),
-    ("md", "## Calibrating heads: the next-token distribution before and after"),
-    ("code", """from headscope.circuits.calibration import calibrate_heads
+    ("md", """## Calibrating heads
+ACT's sinks depend on the input, so `calibrate` takes the batch it will run. With beta = 1 nothing changes."""),
+    ("code", """from headscope.circuits.calibration import calibrate, candidate_heads
 
-prompt = model.tokenize("The capital of France is", prepend_bos=True)
+prompt = model.tokenize("The capital of France is Paris. The capital of Italy is", prepend_bos=True)
 heads = top_heads(sink.scores, 4)
 with torch.no_grad():
     before = torch.softmax(model(**prompt).logits[0, -1], -1)
-    with calibrate_heads(model, heads, beta=0.4):
+    with calibrate(model, heads, prompt, beta=0.4) as sinks:
         after = torch.softmax(model(**prompt).logits[0, -1], -1)
-    with calibrate_heads(model, heads, beta=1.0):  # beta = 1 changes nothing
+    with calibrate(model, heads, prompt, beta=1.0):
         same = torch.softmax(model(**prompt).logits[0, -1], -1)
 assert torch.allclose(same, before, atol=1e-6)
+print("sink keys scaled per head:", {(l, h): sinks[l][0, h].nonzero()[:, 0].tolist() for l, h in heads})
 for name, p in (("before", before), ("after", after)):
     top = p.topk(5)
     print(name, [(model.tokenizer.decode([int(i)]), round(float(v), 3)) for v, i in zip(top.values, top.indices)])"""),
+    ("md", """## Choosing heads on a task (ACT's head selection)
+Calibrate one candidate head at a time on a calibration split and keep the heads that raise accuracy;
+then measure on a held-out split."""),
+    ("code", """from headscope.circuits.calibration import accuracy, select_heads
+from headscope.circuits.next_token import load_jsonl
+
+items = load_jsonl("sentiment.jsonl")
+calib, test = items[: 8 if SMALL else len(items) // 2], items[len(items) // 2:][: 8 if SMALL else None]
+candidates = candidate_heads(model, calib)[: 2 if SMALL else 20]
+selection = select_heads(model, calib, candidates)
+kept = selection.attrs["heads"]
+print(selection)
+print(f"held-out accuracy ({len(test)} prompts): {accuracy(model, test):.3f} ->",
+      f"{accuracy(model, test, heads=kept):.3f} with {len(kept)} calibrated heads" if kept else "(no head kept)")"""),
 ]
 
 NOTEBOOKS["05_pruning_curve"] = [
@@ -232,15 +249,15 @@ We sweep layers x tau and compare with a control that injects unrelated words.""
     ("code", """from headscope.circuits.memory_injection import answer_probs, inject_memory, injection_sweep, sweep_heatmap
 from headscope.circuits.next_token import load_jsonl
 
-items = load_jsonl("multihop.jsonl")[: 6 if SMALL else None]
+items = load_jsonl("multihop.jsonl")[: 4 if SMALL else None]
 print(len(items), "prompts, e.g.", items[0])"""),
     ("code", """item = items[0]
 base = answer_probs(model, [item["question"]], [item["answer"]])
 with inject_memory(model, item["memory"], layer=6, tau=4):
     injected = answer_probs(model, [item["question"]], [item["answer"]])
 print(f"p({item['answer']!r}) {float(base):.4f} -> {float(injected):.4f} after injecting {item['memory']!r}")"""),
-    ("code", """layers = [2, 6, 10] if SMALL else range(model.meta.n_layers)
-taus = [1, 4, 8] if SMALL else range(1, 16)
+    ("code", """layers = [6] if SMALL else range(model.meta.n_layers)
+taus = [1, 4] if SMALL else range(1, 16)
 sweep = injection_sweep(model, items, layers=layers, taus=taus)
 control = injection_sweep(model, items, layers=layers, taus=taus, control=True)
 best = sweep.loc[sweep["median_rel_change"].idxmax()]
@@ -273,14 +290,29 @@ cfg = SAEConfig(d_in=meta.n_heads * meta.head_dim, d_sae=(4 if SMALL else 16) * 
 tc = TrainConfig(total_tokens=n_tokens, batch_size=512 if SMALL else 1024)
 result = train(new_sae(cfg, store, tc), store, tc)
 result.final"""),
-    ("code", """sae = result.sae
+    ("code", """from headscope.sae.metrics import head_attribution, top_activating
+from headscope.sae.saelens_format import load_sae, save_sae
+
+sae = result.sae
 assert result.final["fvu"] < 1.0  # better than predicting the mean
-# Head attribution: share of each latent's decoder norm in each head's block of z.
-W = sae.W_dec.detach().reshape(cfg.d_sae, meta.n_heads, meta.head_dim)
-shares = W.norm(dim=-1) / W.norm(dim=-1).sum(-1, keepdim=True)
-top_head = shares.argmax(-1)
-px.histogram(x=top_head.numpy(), nbins=meta.n_heads, labels={"x": "head with the largest share"},
+shares = head_attribution(sae)  # [d_sae, H]: share of each latent's decoder norm per head
+px.histogram(x=shares.argmax(-1).numpy(), nbins=meta.n_heads, labels={"x": "head with the largest share"},
              title=f"layer {layer}: which head each latent lives in")"""),
+    ("code", """# Save in the SAELens format (browse it with `headscope explore --sae sae-L6`), reload, look at a latent.
+path = save_sae(sae, "sae-L6")
+again = load_sae(path)
+assert torch.equal(again.W_dec, sae.W_dec)
+docs = packed_batches(model.tokenizer, default_corpus(4 if SMALL else 64, seed=1), seq_len=128, batch_size=4,
+                      bos_id=model.tokenizer.bos_token_id)
+with torch.no_grad():
+    fired = (again.encode(store.sample(2048)) > 0).float().mean(0)  # firing frequency per latent
+latent = int(fired.argmax())
+print(f"latent {latent} fires on {fired[latent]:.1%} of tokens; {shares[latent].max():.0%} of its decoder norm "
+      f"is in head {int(shares[latent].argmax())}")
+import pandas as pd
+contexts = pd.DataFrame(top_activating(model, again, layer, docs, [latent], n=5), columns=["activation", "context"])
+assert len(contexts) > 0
+contexts"""),
 ]
 
 
