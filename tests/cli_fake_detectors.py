@@ -1,8 +1,8 @@
 """Small stand-in detectors for the CLI tests: real statistics of the real model, sharded like a
 real detector, but cheap and independent of the detector modules' prompt sets.
 
-Run as a script (under torchrun) it registers them in place of `sink` and `previous_token` and
-calls the CLI: `torchrun --nproc_per_node=2 tests/cli_fake_detectors.py rank ...`.
+Run as a script (under torchrun) it registers the stand-in sink (the real previous_token stays)
+and calls the CLI: `torchrun --nproc_per_node=2 tests/cli_fake_detectors.py rank ...`.
 """
 
 from __future__ import annotations
@@ -106,5 +106,6 @@ if __name__ == "__main__":
     from headscope.circuits import detectors
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    detectors._DETECTORS.update(FAKES)
+    # Only sink is a stand-in here: previous_token is the shipped, sharded detector.
+    detectors._DETECTORS["sink"] = FAKES["sink"]
     sys.exit(main(sys.argv[1:]))

@@ -176,11 +176,16 @@ def _torchrun(nproc: int, out: Path, extra: list[str]) -> subprocess.CompletedPr
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
 
 
-def test_two_processes_match_one(tmp_path, fake_registry, shared_model):
+def test_two_processes_match_one(tmp_path, shared_model, monkeypatch):
     """torchrun with 2 CPU processes (gloo) shards the prompts and merges sums: same scores, same
-    validation, as a single process (run in this process)."""
+    validation, as a single process (run in this process). Stand-in sink (sums, gathered lists,
+    sharded validation) and the shipped previous_token detector."""
+    pytest.importorskip("headscope.circuits.detect_positional")
+    monkeypatch.syspath_prepend(str(HERE))
+    monkeypatch.setitem(detectors._DETECTORS, "sink", fakes.FAKES["sink"])
     settings = ["--detectors", "sink,previous_token", "--seq-len", "12", "--n-prompts", "3", "--batch-size", "1",
-                "--top-k", "3", "--n-random", "1", "--quiet"]
+                "--top-k", "3", "--n-random", "1", "--quiet", "--config", str(tmp_path / "small.toml")]
+    (tmp_path / "small.toml").write_text("[detectors.previous_token]\nvalidation_prompts = 2\n")
     assert run_cli("--out", str(tmp_path / "one"), *settings) == 0
     two = _torchrun(2, tmp_path / "two", settings)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -195,8 +200,9 @@ def test_two_processes_match_one(tmp_path, fake_registry, shared_model):
     assert len(b["summary"]["sink"]["per_prompt"]) == 3
     np.testing.assert_allclose(a["summary"]["sink"]["per_prompt"], b["summary"]["sink"]["per_prompt"], atol=1e-6)
     for kind in ("sink", "previous_token"):
+        # float32 losses: the processes run with 1 thread, this one with 2 (another reduction order).
         np.testing.assert_allclose(a["validation"][kind]["top_k_damage"], b["validation"][kind]["top_k_damage"],
-                                   rtol=1e-6)
+                                   rtol=1e-5, atol=1e-6)
 
 
 def test_rank_with_the_real_sink_and_previous_token_detectors(tmp_path, shared_model, capsys):
