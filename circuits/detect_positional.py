@@ -29,6 +29,7 @@ from .direct_logit import head_logit_effect, unembedding_with_gain
 from .prompts import load_prompts, repeated_random_tokens, text_windows
 from .runs import recorded_batches, token_loss
 from .scores import DetectorResult, head_scores, top_heads
+from .sharding import all_reduce_sum, is_main, shard
 from .tl_compat import tl_compatible_scores, tl_request
 from .validation import validate_heads
 
@@ -70,6 +71,13 @@ class _Mean:
     def value(self) -> torch.Tensor:
         return self.total / max(self.count, 1)
 
+    def merged(self, shape) -> torch.Tensor:
+        """value() over the prompts of every process (after looping over `shard(...)`); every
+        process must call it. In a single process it equals value()."""
+        total = self.total if torch.is_tensor(self.total) else torch.zeros(shape, dtype=torch.float64)
+        total, count = all_reduce_sum(total, torch.tensor(float(self.count), dtype=torch.float64))
+        return total / count.clamp_min(1)
+
 
 # ---- previous token ---------------------------------------------------------------------------
 def natural_windows(model, config: DetectorConfig, defaults: dict, min_len: int, kind: str):
@@ -89,16 +97,19 @@ def detect_previous_token(model, config: DetectorConfig) -> DetectorResult:
     first_query = 1 + bos
     queries = torch.zeros_like(tokens, dtype=torch.bool)
     queries[:, first_query:] = True
-    mean, tl_mul, tl_abs = _Mean(), 0.0, 0.0
-    for _, _, rec in recorded_batches(model, tokens, tl_request(), config.batch_size, config.progress,
-                                      "previous_token"):
+    grid = (model.meta.n_layers, model.meta.n_heads)
+    mean, tl_mul, tl_abs = _Mean(), torch.zeros(grid, dtype=torch.float64), torch.zeros(grid, dtype=torch.float64)
+    # Under torchrun each process scores its own slice of the prompts; sums are merged below.
+    for _, _, rec in recorded_batches(model, shard(tokens), tl_request(), config.batch_size,
+                                      config.progress and is_main(), "previous_token"):
         b = rec.batch_size
         mean.add(rec.stat("offset_mass")[..., 1], queries[:b].to(rec.tokens.device))
         tl_mul = tl_mul + tl_compatible_scores(rec, "previous_token", "mul", per_prompt=True,
-                                               **_tl_options(config)).sum(0)
+                                               **_tl_options(config)).sum(0).cpu()
         tl_abs = tl_abs + tl_compatible_scores(rec, "previous_token", "abs", per_prompt=True,
-                                               **_tl_options(config)).sum(0)
-    score = mean.value()
+                                               **_tl_options(config)).sum(0).cpu()
+    score = mean.merged(grid)
+    tl_mul, tl_abs = all_reduce_sum(tl_mul, tl_abs)
     df = head_scores("previous_token", score, {"tl_mul": tl_mul / len(tokens), "tl_abs": tl_abs / len(tokens)})
     summary = dict(seq_len=tokens.shape[1], n_prompts=len(tokens), bos=bos, corpus_repeated=repeated,
                    text="user prompts" if config.prompts_file else "embedded natural text",
