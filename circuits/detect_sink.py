@@ -113,7 +113,8 @@ def without_sink(model, heads, batch: int, seq_len: int):
     """In the given heads, scale attention on key 0 by 0 and redistribute it (ACT arithmetic)."""
     keys = torch.zeros(batch, seq_len, dtype=torch.bool, device=model.device)
     keys[:, 0] = True
-    edits = {l: LayerEdit(key_scale_beta=torch.where(m, 0.0, 1.0).to(model.device), keys=keys)
+    # key_scale refuses beta <= 0 (issue 5's contract); 1e-6 removes the sink's attention to float precision.
+    edits = {l: LayerEdit(key_scale_beta=torch.where(m, 1e-6, 1.0).to(model.device), keys=keys)
              for l, m in heads_by_layer(model, heads).items()}
     with model.edit_attention(edits):
         yield model
