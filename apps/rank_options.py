@@ -42,7 +42,12 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfl
           "float16": torch.float16, "fp16": torch.float16}
 # Per-kind sizes for the default `headscope rank` run, chosen so that all six detectors finish in
 # under 3 minutes on a 2-core CPU (benchmarks/rank_bench.py); explicit flags or config values win.
-CLI_DEFAULTS: dict[str, dict] = {}
+CLI_DEFAULTS: dict[str, dict] = {
+    "sink": {"n_prompts": 16, "validation_prompts": 8},        # T = 64 as Gu et al.; 16 x 64 tokens
+    "previous_token": {"n_prompts": 8, "validation_prompts": 4},
+    "induction": {"n_prompts": 8, "validation_prompts": 4},
+    "duplicate_token": {"n_prompts": 8, "validation_prompts": 4},
+}
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(DetectorConfig)} - {"params", "progress"}
 _TOP_LEVEL = {"model", "kinds", "seq_len", "n_prompts", "batch_size", "device", "device_map", "dtype", "seed",
               "top_k", "n_random", "validate", "out", "prompts", "quiet", "detectors"}
