@@ -48,6 +48,10 @@ CLI_DEFAULTS: dict[str, dict] = {
     "induction": {"n_prompts": 8, "validation_prompts": 4},
     "duplicate_token": {"n_prompts": 8, "validation_prompts": 4},
 }
+# Beyond LONG_SEQ tokens the prompt counts above would cost hours on a CPU: prompts are scaled down
+# to LONG_TOKEN_BUDGET tokens per pass, one prompt per batch (flags and config values still win).
+LONG_SEQ, LONG_TOKEN_BUDGET = 2048, 16384
+LONG_DEFAULTS: dict[str, dict] = {"sink": {"batch_size": 1, "validation_prompts": 1, "compare_no_bos": False}}
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(DetectorConfig)} - {"params", "progress"}
 _TOP_LEVEL = {"model", "kinds", "seq_len", "n_prompts", "batch_size", "device", "device_map", "dtype", "seed",
               "top_k", "n_random", "validate", "out", "prompts", "quiet", "detectors"}
@@ -84,8 +88,12 @@ class RankOptions:
         file's [detectors.<kind>] table, the file's top level, CLI_DEFAULTS[kind], the detector's
         own default. Table keys that are not DetectorConfig fields go to `params`."""
         table = self.per_kind.get(kind, {})
-        cfg = {k: v for k, v in CLI_DEFAULTS.get(kind, {}).items() if k in _CONFIG_FIELDS}
-        params = {k: v for k, v in CLI_DEFAULTS.get(kind, {}).items() if k not in _CONFIG_FIELDS}
+        defaults = dict(CLI_DEFAULTS.get(kind, {}))
+        seq_len = self.seq_len if "seq_len" in self.from_flags else table.get("seq_len", self.seq_len)
+        if seq_len is not None and seq_len >= LONG_SEQ:
+            defaults.update(n_prompts=max(1, LONG_TOKEN_BUDGET // seq_len), **LONG_DEFAULTS.get(kind, {}))
+        cfg = {k: v for k, v in defaults.items() if k in _CONFIG_FIELDS}
+        params = {k: v for k, v in defaults.items() if k not in _CONFIG_FIELDS}
         for name in ("seq_len", "n_prompts", "batch_size", "seed", "top_k", "n_random", "validate"):
             if getattr(self, name) is not None:
                 cfg[name] = getattr(self, name)

@@ -228,3 +228,14 @@ def test_rank_with_the_real_sink_and_previous_token_detectors(tmp_path, shared_m
     assert run_cli("--detectors", "induction", "--seq-len", "6", "--out", str(tmp_path / "short"), "--quiet") == 2
     err = capsys.readouterr().err
     assert "induction" in err and "seq_len" in err and not (tmp_path / "short").exists()
+
+
+def test_long_prompts_scale_the_default_prompt_counts():
+    """--seq-len 8192 keeps a CPU-sized job (fewer prompts), but explicit values still win."""
+    from headscope.apps.rank_options import LONG_TOKEN_BUDGET, RankOptions
+
+    long = RankOptions(seq_len=8192, from_flags={"seq_len"})
+    assert long.detector_config("sink").n_prompts == LONG_TOKEN_BUDGET // 8192
+    assert long.detector_config("sink").params["validation_prompts"] == 1
+    assert RankOptions(seq_len=8192, n_prompts=5, from_flags={"seq_len", "n_prompts"}).detector_config("sink").n_prompts == 5
+    assert RankOptions().detector_config("sink").n_prompts == 16 and RankOptions().detector_config("sink").seq_len is None
