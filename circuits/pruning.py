@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from headscope.kernels.errors import HeadscopeError
-from headscope.probe import HeadscopeModel
+from headscope.probe import HeadscopeModel, ModelMeta
 
 from .ablation import heads_by_layer
 
@@ -108,7 +108,8 @@ def prune(model: HeadscopeModel, heads) -> HeadscopeModel:
     masks = check_prunable(model, heads)
     meta = model.meta
     hf = copy.deepcopy(model.hf)
-    hf.config._attn_implementation = model.state._saved_impl if model.state._users else hf.config._attn_implementation
+    if model.state._users:  # copied inside an edit/record context: run the copy as transformers would
+        hf.set_attn_implementation(model.state._saved_impl)
     layout = []
     for l, attn in enumerate(_attn_modules(hf)):
         mask = masks.get(l, torch.zeros(meta.n_heads, dtype=torch.bool))
@@ -128,7 +129,8 @@ def _wrap(hf: nn.Module, like: HeadscopeModel | None, tokenizer=None) -> Headsco
     # Not HeadscopeModel.__init__: its metadata assumes one head count for every layer.
     out.hf = hf.eval()
     out.tokenizer = like.tokenizer if like is not None else tokenizer
-    out.meta = like.meta if like is not None else None
+    # meta keeps the unpruned shape facts (positions, vocab); heads per layer are in hf.config.headscope_pruning
+    out.meta = like.meta if like is not None else ModelMeta.from_config(hf.config, str(hf.name_or_path))
     out.attention_modules = _attn_modules(hf)
     out.state = None
     return out

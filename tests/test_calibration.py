@@ -32,6 +32,10 @@ def test_key_scale_is_the_act_formula_per_head_keys():
     Sset = (p * ks).sum(-1, keepdim=True)
     b = beta[None, :, None, None]
     ref = torch.where(ks.bool(), b * p, p * (1 - b * Sset) / (1 - Sset))  # DESIGN.md / authors' code
+    # rows with all their mass on the set have nowhere to move it: unchanged (the authors force row 0 to 1)
+    full = (1 - Sset) <= 1e-6
+    assert full.any()
+    ref = torch.where(full, p, ref)
     torch.testing.assert_close(st["pattern"], ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(ref.sum(-1), torch.ones(B, H, S), atol=1e-5, rtol=0)
     torch.testing.assert_close(out, ref @ v.repeat_interleave(2, 1), atol=1e-5, rtol=1e-5)
