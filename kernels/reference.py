@@ -66,6 +66,11 @@ def _masked_softmax_(s: torch.Tensor, vis: torch.Tensor) -> tuple[torch.Tensor, 
     """Softmax of scores s [B, H, C, K] over visible keys, computed in place in s (one exp pass:
     the CPU path's time goes into full passes over the score block). Returns (p, lse [B, H, C]);
     rows with no visible key get p = 0 and lse = -inf."""
+    if s.requires_grad:
+        # autograd (head importance, pruning) needs exp's output unmodified: the out-of-place path
+        s = s.masked_fill(~vis, -math.inf)
+        lse = torch.logsumexp(s, dim=-1)
+        return torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None]).masked_fill(~vis, 0.0), lse
     # an additive 0 / -inf mask: same result as masked_fill, but masked_fill with a mask broadcast
     # over heads costs about 10x an add on CPU
     s.add_(torch.zeros(vis.shape, dtype=s.dtype, device=s.device).masked_fill_(~vis, -math.inf))
