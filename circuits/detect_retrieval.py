@@ -27,7 +27,9 @@ from headscope.probe.errors import InputError
 from .ablation import ablate_heads
 from .detectors import DetectorConfig
 from .needle import NEEDLES, Needle, NeedlePrompt, build_needle_prompt, haystack_sentences, rouge1_recall
+from .prompts import load_prompts
 from .scores import DetectorResult, Validation, head_scores, top_heads
+from .validation import validate_heads
 
 DEFAULTS = {
     "threshold": 0.1,          # retrieval head: mean score > 0.1
@@ -179,17 +181,13 @@ def retrieval_summary(grid: np.ndarray, threshold: float = 0.1, n_top: int = 5) 
             "threshold": threshold, "top_heads": top}
 
 
-def needle_accuracy(model: HeadscopeModel, prompts: list[NeedlePrompt], max_new_tokens: int | None = None,
-                    heads=None, mode: str = "uniform") -> float:
-    """Mean ROUGE-1 recall of the needle over `prompts`, with `heads` ablated (mode) if given."""
+def needle_accuracy(model: HeadscopeModel, prompts: list[NeedlePrompt], max_new_tokens: int | None = None) -> float:
+    """Mean ROUGE-1 recall of the needle over `prompts` (greedy answers, first line)."""
     def one(p):
         n = max_new_tokens or (p.answer_span[1] - p.answer_span[0]) + 8
         text, _ = _answer_text(model, generate_answer(model, p, n))
         return rouge1_recall(p.needle.answer_text, text)
 
-    if heads:
-        with ablate_heads(model, heads, mode=mode):
-            return float(np.mean([one(p) for p in prompts]))
     return float(np.mean([one(p) for p in prompts]))
 
 
@@ -199,25 +197,11 @@ def validate_retrieval(model: HeadscopeModel, scores: pd.DataFrame, prompts: lis
     """Needle accuracy (ROUGE-1 recall) lost when the top-k retrieval heads are masked vs k random heads."""
     if not prompts:
         raise InputError("retrieval validation needs at least one needle prompt.")
-    L, H = model.meta.n_layers, model.meta.n_heads
-    all_heads = [(l, h) for l in range(L) for h in range(H)]
     top = top_heads(scores.dropna(subset=["score"]), k)
-    rng = random.Random(seed)
-    sets = [rng.sample(all_heads, k) for _ in range(n_random)]
-    bar = tqdm(total=2 + n_random, desc="retrieval validation", disable=not progress)
-    base = needle_accuracy(model, prompts, max_new_tokens)
-    bar.update()
-    top_acc = needle_accuracy(model, prompts, max_new_tokens, top, mode)
-    bar.update()
-    rand = []
-    for s in sets:
-        rand.append(base - needle_accuracy(model, prompts, max_new_tokens, s, mode))
-        bar.update()
-    bar.close()
-    return Validation(kind="retrieval", k=k, metric=f"needle ROUGE-1 recall lost ({mode} attention masking)",
-                      top_k_damage=base - top_acc, random_k_damage=rand, baseline=base,
-                      notes=f"{len(prompts)} needle prompts; accuracy {base:.3f} -> {top_acc:.3f} with the top-{k} "
-                            f"heads masked; top heads {top}.")
+    return validate_heads(model, "retrieval", top, lambda m: needle_accuracy(m, prompts, max_new_tokens), k,
+                          n_random, seed, metric=f"needle ROUGE-1 recall lost ({mode} attention masking)",
+                          ablate=lambda m, heads: ablate_heads(m, heads, mode=mode), higher_is_worse=False,
+                          notes=f"{len(prompts)} retrieved needle prompts; top heads {top}.", progress=progress)
 
 
 def detect_retrieval(model: HeadscopeModel, config: DetectorConfig | None = None) -> DetectorResult:
@@ -238,8 +222,7 @@ def detect_retrieval(model: HeadscopeModel, config: DetectorConfig | None = None
         lengths = [min(x, model.meta.max_positions - 128) for x in lengths]
     haystack = p.get("haystack")
     if haystack is None and config.prompts_file:
-        from pathlib import Path
-        haystack = Path(config.prompts_file).read_text(encoding="utf-8")
+        haystack = " ".join(load_prompts(config.prompts_file))
     prompts = needle_prompts(model, lengths, tuple(p["depths"]), config.n_prompts or DEFAULT_TRIALS, config.seed,
                              haystack=haystack)
     trials = [run_trial(model, pr, p["max_new_tokens"])

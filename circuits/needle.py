@@ -12,13 +12,12 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
 
 from headscope.probe.errors import InputError
 
-HAYSTACK_FILE = Path(__file__).parent / "data" / "haystack.txt"
+from .prompts import natural_text
+
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -81,9 +80,9 @@ class NeedlePrompt:
 
 
 def haystack_sentences(text: str | None = None) -> list[str]:
-    """Natural text split into sentences (the default haystack: circuits/data/haystack.txt)."""
+    """Natural text split into sentences (default haystack: the embedded corpus, prompts.natural_text)."""
     if text is None:
-        text = HAYSTACK_FILE.read_text(encoding="utf-8")
+        text = " ".join(natural_text())
     sentences = [s.strip() for s in _SENTENCE_END.split(" ".join(text.split())) if s.strip()]
     if len(sentences) < 2:
         raise InputError("the haystack text needs at least two sentences.")
