@@ -45,7 +45,7 @@ def _top_contexts(spec: str, path: str, prompt: str, latent: int, n_docs: int) -
     model, sae = C.get_model(spec), _sae(path)
     batches = [encode_prompt(model, prompt)[0]]
     if n_docs:
-        batches += list(packed_batches(model.tokenizer, default_corpus(n_docs, seed=0), seq_len=128, batch_size=4,
+        batches += list(packed_batches(model.tokenizer, default_corpus(n_docs, seed=0), seq_len=128, batch_size=1,
                                        bos_id=model.tokenizer.bos_token_id))
     rows = top_activating(model, sae, sae.cfg.layer, batches, [latent], n=10)
     return pd.DataFrame(rows, columns=["rank", "activation", "token", "context", "row", "position"])

@@ -302,7 +302,7 @@ px.histogram(x=shares.argmax(-1).numpy(), nbins=meta.n_heads, labels={"x": "head
 path = save_sae(sae, "sae-L6")
 again = load_sae(path)
 assert torch.equal(again.W_dec, sae.W_dec)
-docs = packed_batches(model.tokenizer, default_corpus(4 if SMALL else 64, seed=1), seq_len=128, batch_size=4,
+docs = packed_batches(model.tokenizer, default_corpus(8 if SMALL else 64, seed=1), seq_len=128, batch_size=2,
                       bos_id=model.tokenizer.bos_token_id)
 with torch.no_grad():
     fired = (again.encode(store.sample(2048)) > 0).float().mean(0)  # firing frequency per latent
