@@ -145,7 +145,7 @@ class Recorder:
 
     def add(self, layer: int, stats: dict, out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         entry = self._seg["layers"].setdefault(layer, {"stats": [], "z": [], "q": [], "k": [], "v": []})
-        entry["stats"].append(stats)
+        entry["stats"].append({name: t.detach() for name, t in stats.items()})  # observations, not graph nodes
         if layer in self.head_out_layers and out is not None:  # external backends append z from their own hook
             entry["z"].append(out.transpose(1, 2).detach())
         if layer in self.qkv_layers:
