@@ -31,7 +31,9 @@ def test_injection_equals_o_proj_bias(model):
         with inject_memory(model, " Paris", layer, tau):
             got = model.hf(**batch).logits
         after = model.hf(**batch).logits
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    # bias inside the matmul vs added after it: float32 rounding, amplified over 25 layers (seen 3e-5)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert (got - before).abs().max() > 1e-2
     assert torch.equal(before, after)
     assert not model.attention_modules[layer]._forward_hooks
 
