@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import sys
 import time
 
 import torch
@@ -27,6 +28,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from headscope.kernels import StatsRequest
 from headscope.kernels import triton_attention as ta
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_tokens import EXPONENT, VOCAB, repeat_fraction, zipf_ids  # noqa: E402
 
 TOKENS = 16384  # B * S per problem: 16 x 1k ... 1 x 16k (and 1 x 32k, 1 x 64k beyond)
 HIDDEN = 2048   # H * D: 32 heads at d64, 16 at d128 (FlashAttention papers' setting)
@@ -67,13 +71,13 @@ def run(dims, seqs) -> list[dict]:
             B = max(1, TOKENS // S)
             g = torch.Generator(device=dev).manual_seed(S * 1000 + D)
             q, k, v = (torch.randn(B, H, S, D, generator=g, device=dev, dtype=torch.bfloat16) for _ in range(3))
-            tok = torch.randint(0, 32000, (B, S), generator=g, device=dev)
+            tok = zipf_ids(B, S, g, dev)
             kset = torch.rand(B, S, generator=g, device=dev) < 0.05
             scale = 1.0 / math.sqrt(D)
             flops = 4 * B * H * S * S * D / 2
             # Fewest bytes: read q, k, v, write out (bf16); stats add 4-8 bytes per row each.
             bytes_min = 4 * B * H * S * D * 2
-            r = dict(D=D, S=S, B=B, H=H, flops=flops, bytes_min=bytes_min)
+            r = dict(D=D, S=S, B=B, H=H, flops=flops, bytes_min=bytes_min, repeat=repeat_fraction(tok))
 
             def ours(req, **kw):
                 return lambda: ta.attention_triton(q, k, v, causal=True, request=req, **kw)
@@ -81,12 +85,19 @@ def run(dims, seqs) -> list[dict]:
             fa = ours(StatsRequest())
             fb = ours(all_stats, token_ids=tok, keyset=kset)
             fc_setup = ours(StatsRequest(colsum=True))
-            cases = [("a", fa), ("b", fb)]
+            cases = [("a", fa, "auto"), ("b", fb, "auto"), ("bd", fb, "dense")]
             t0 = time.perf_counter()
-            for tag, fn in cases:
-                fn()  # autotune / compile outside the timing
-                r[f"t_{tag}"] = timeit(fn)
-                r[f"mem_{tag}"], r[f"extra_{tag}"] = peak(fn)
+            for tag, fn, path in cases:
+                ta.MATCH_PATH = path
+                try:
+                    fn()  # autotune / compile outside the timing
+                    r[f"path_{tag}"] = "/".join(sorted(set(ta.last_match_paths.values())))
+                    r[f"t_{tag}"] = timeit(fn)
+                    r[f"mem_{tag}"], r[f"extra_{tag}"] = peak(fn)
+                except Exception as exc:  # reported in the table, the other columns still run
+                    r[f"t_{tag}"], r[f"err_{tag}"] = None, f"{type(exc).__name__}: {str(exc)[:300]}"
+                    print(f"{tag} failed: {r[f'err_{tag}']}", flush=True)
+                ta.MATCH_PATH = "auto"
             ta.KEEP_COLSUM_LAUNCH = True
             fc_setup()
             r["t_c"] = timeit(ta.last_colsum_launch)
@@ -107,7 +118,7 @@ def run(dims, seqs) -> list[dict]:
                 except Exception as exc:  # a backend that refuses the shape is reported, not fatal
                     r[f"t_{tag}"] = None
                     r[f"err_{tag}"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            if not eager_oom:
+            if not eager_oom and not NO_EAGER:
                 try:
                     r["mem_e"], r["extra_e"] = peak(lambda: eager(q, k, v, scale))
                     r["t_e"] = timeit(lambda: eager(q, k, v, scale))
@@ -117,18 +128,21 @@ def run(dims, seqs) -> list[dict]:
                 torch.cuda.empty_cache()
             else:
                 r["t_e"] = "OOM"
-            for tag in ("a", "b", "c", "d", "dp", "e"):
+            for tag in ("a", "b", "bd", "c", "d", "dp", "e"):
                 t = r.get(f"t_{tag}")
                 if isinstance(t, float):
                     # colsum does one q.k product: half the forward's matrix FLOPs.
                     r[f"tflops_{tag}"] = (flops / 2 if tag == "c" else flops) / (t * 1e-3) / 1e12
             r["wall_s"] = time.perf_counter() - t0
             rows.append(r)
-            print(f"D={D} S={S}: " + ", ".join(f"{t}={r.get('t_' + t)}" for t in ("a", "b", "c", "d", "dp", "e")),
+            print(f"D={D} S={S}: " + ", ".join(f"{t}={r.get('t_' + t)}" for t in ("a", "b", "bd", "c", "d", "dp", "e")),
                   flush=True)
             del q, k, v
             torch.cuda.empty_cache()
     return rows
+
+
+NO_EAGER = False
 
 
 def fmt(x, spec=".0f"):
@@ -137,24 +151,25 @@ def fmt(x, spec=".0f"):
 
 def table(rows) -> str:
     lines = [
-        "TFLOP/s (forward, causal, bf16; colsum counted at its own FLOPs = half a forward) and ratios:",
-        f"{'D':>4} {'S':>6} {'BxH':>7} | {'(a)out':>7} {'(b)stats':>8} {'(c)cols':>7} {'(d)flash':>8} "
+        "TFLOP/s (forward, causal, bf16; colsum counted at its own FLOPs = half a forward) and ratios;",
+        f"token ids Zipf(a={EXPONENT}) over {VOCAB} ids; (b) match/next_match path auto, (b-dn) forced dense:",
+        f"{'D':>4} {'S':>6} {'BxH':>7} | {'(a)out':>7} {'(b)stats':>8} {'(b-dn)':>7} {'(c)cols':>7} {'(d)flash':>8} "
         f"{'(d)cudnn':>8} {'(e)eager':>8} | {'b/d':>5} {'b/dp':>5} {'tc/tb':>5} {'b/a':>5} | "
         f"{'peak b':>7} {'peak d':>7} {'peak e':>7} {'mem b/d':>7} {'xtra b/d':>8}",
     ]
     for r in rows:
-        tf = {t: r.get(f"tflops_{t}") for t in ("a", "b", "c", "d", "dp", "e")}
+        tf = {t: r.get(f"tflops_{t}") for t in ("a", "b", "bd", "c", "d", "dp", "e")}
         ratio = lambda x, y: f"{x / y:5.2f}" if x and y else "    -"  # noqa: E731
         tc_tb = f"{r['t_c'] / r['t_b']:5.2f}" if isinstance(r.get("t_c"), float) else "    -"
         pe = f"{r['mem_e']:7.1f}" if isinstance(r.get("mem_e"), float) else f"{'OOM':>7s}"
         pd = r.get("mem_d")
         lines.append(
             f"{r['D']:>4} {r['S']:>6} {str(r['B']) + 'x' + str(r['H']):>7} | {fmt(tf['a']):>7} {fmt(tf['b']):>8} "
-            f"{fmt(tf['c']):>7} {fmt(tf['d']):>8} {fmt(tf['dp']):>8} "
+            f"{fmt(tf['bd']):>7} {fmt(tf['c']):>7} {fmt(tf['d']):>8} {fmt(tf['dp']):>8} "
             f"{fmt(tf['e']) if tf['e'] else ('OOM' if r.get('t_e') == 'OOM' else '-'):>8} | "
             f"{ratio(tf['b'], tf['d'])} {ratio(tf['b'], tf['dp'])} {tc_tb} {ratio(tf['b'], tf['a'])} | "
-            f"{r['mem_b']:7.2f} {fmt(pd, '7.2f'):>7} {pe} {ratio(r['mem_b'], pd)}    "
-            f"{ratio(r['extra_b'], r.get('extra_d'))}")
+            f"{fmt(r.get('mem_b'), '7.2f'):>7} {fmt(pd, '7.2f'):>7} {pe} {ratio(r.get('mem_b'), pd)}    "
+            f"{ratio(r.get('extra_b'), r.get('extra_d'))}  path {r.get('path_b')}, repeat {r['repeat']:.4f}")
     lines.append("peak = GiB allocated at the peak of one call, inputs included (same inputs for every column);"
                  " xtra = the part above what was allocated before the call (outputs, statistics, workspace).")
     return "\n".join(lines)
@@ -180,17 +195,22 @@ def breakdown(dims, S=16384) -> str:
         H = HIDDEN // D
         g = torch.Generator(device="cuda").manual_seed(7 + D)
         q, k, v = (torch.randn(1, H, S, D, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        tok = torch.randint(0, 32000, (1, S), generator=g, device="cuda")
+        tok = zipf_ids(1, S, g, "cuda")
         kset = torch.rand(1, S, generator=g, device="cuda") < 0.05
         flops = 4 * H * S * S * D / 2
         base = None
         for name, req in BREAKDOWN:
-            fn = lambda: ta.attention_triton(q, k, v, causal=True, request=req, token_ids=tok,  # noqa: E731
-                                             keyset=kset if req.keyset else None)
-            fn()
-            t = timeit(fn)
-            base = base or t
-            lines.append(f"  d{D:<4d} {name:26s} {t:8.3f} ms {flops / t / 1e9:6.0f} TFLOP/s  x{base / t:5.2f}")
+            for path in (("auto", "dense") if req.needs_tokens else ("auto",)):
+                ta.MATCH_PATH = path
+                fn = lambda: ta.attention_triton(q, k, v, causal=True, request=req, token_ids=tok,  # noqa: E731
+                                                 keyset=kset if req.keyset else None)
+                fn()
+                used = "/".join(sorted(set(ta.last_match_paths.values()))) or "-"
+                t = timeit(fn)
+                ta.MATCH_PATH = "auto"
+                base = base or t
+                lines.append(f"  d{D:<4d} {name:26s} {used:6s} {t:8.3f} ms {flops / t / 1e9:6.0f} TFLOP/s"
+                             f"  x{base / t:5.2f}")
         del q, k, v
     return "\n".join(lines)
 
@@ -201,7 +221,10 @@ def main():
     ap.add_argument("--seqs", default="1024,4096,16384,32768,65536")
     ap.add_argument("--quick", action="store_true", help="d64/d128 at 4k and 16k only")
     ap.add_argument("--breakdown", action="store_true", help="also: cumulative cost of each statistic at 16k")
+    ap.add_argument("--no-eager", action="store_true", help="skip (e), the materialising baseline")
     args = ap.parse_args()
+    global NO_EAGER
+    NO_EAGER = args.no_eager
     dims = [int(x) for x in args.dims.split(",")]
     seqs = [4096, 16384] if args.quick else [int(x) for x in args.seqs.split(",")]
     # Tune at 4k first: the autotune key has no length, so the first call's shape picks the config.

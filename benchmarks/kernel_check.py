@@ -27,6 +27,9 @@ import torch  # noqa: E402
 from headscope.kernels import KeyBias, KeyScale, StatsRequest, attention, attention_reference  # noqa: E402
 from headscope.kernels import triton_attention as ta  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_tokens import zipf_ids  # noqa: E402
+
 DEV = "cpu" if SMOKE else "cuda"
 
 MASSES = ("sink_mass", "offset_mass", "match_mass", "next_match_mass", "keyset_mass", "max_prob")
@@ -53,7 +56,10 @@ def make_inputs(c: dict, gen: torch.Generator):
             else:
                 kv[b, Sk - n:] = False
         kw["attention_mask"] = kv
-    kw["token_ids"] = torch.randint(0, c.get("vocab", 300), (B, Sk), generator=gen, device=dev)
+    if c.get("vocab") == "zipf":
+        kw["token_ids"] = zipf_ids(B, Sk, gen, dev)
+    else:
+        kw["token_ids"] = torch.randint(0, c.get("vocab", 300), (B, Sk), generator=gen, device=dev)
     kw["keyset"] = torch.rand(B, Sk, generator=gen, device=dev) < 0.1
     if c.get("head_mask"):
         hm = torch.zeros(H, dtype=torch.bool, device=dev)
@@ -103,11 +109,14 @@ def check_case(c: dict, seed: int) -> dict:
     q, k, v, kw = make_inputs(c, gen)
     req = c.get("request") or StatsRequest.all(topk=c.get("topk", 1), sink_k=4, offsets=(1, 2, 7), keyset=True)
     ta.POISON_OUTPUTS = True
+    ta.MATCH_PATH = c.get("match_path", "auto")
     sync()
     t0 = time.perf_counter()
     out, st = attention(q, k, v, stats=req, backend="triton", **kw)
     sync()
     t_ours = time.perf_counter() - t0
+    paths = dict(ta.last_match_paths)
+    ta.MATCH_PATH = "auto"
     rkw = dict(kw)
     rkw["key_valid"] = rkw.pop("attention_mask", None)
     plain = not any(c.get(x) for x in ("key_scale", "key_bias", "softcap", "head_mask"))
@@ -117,7 +126,8 @@ def check_case(c: dict, seed: int) -> dict:
                                        pattern_heads=None if plain and not small else list(range(c["H"])), **rkw)
     sync()
     t_ref = time.perf_counter() - t0
-    res = {"case": c["name"], "seed": seed, "t_ours_s": t_ours, "t_ref_s": t_ref, "fail": []}
+    res = {"case": c["name"], "seed": seed, "t_ours_s": t_ours, "t_ref_s": t_ref, "fail": [],
+           "match_path": "/".join(sorted(set(paths.values()))) or "-"}
     tol_out = 1e-4 if c.get("dtype") == torch.float32 else 1e-2
     tol_mass = 1e-4 if c.get("dtype") == torch.float32 else 2e-3
     o = out.float()
@@ -171,6 +181,15 @@ def check_case(c: dict, seed: int) -> dict:
 
 
 CASES = [
+    # match / next_match paths (MATCH_PATH auto picks sparse for the vocab-300 cases above too):
+    dict(name="bf16 d64 causal zipf50k S=32k", B=1, H=2, Hkv=1, Sq=32768, Sk=32768, D=64, vocab="zipf"),
+    dict(name="bf16 d128 zipf50k window pad Sq=64 Sk=16k", B=2, H=4, Hkv=2, Sq=64, Sk=16384, D=128,
+         vocab="zipf", window=3000, pad="left"),
+    dict(name="bf16 d64 one repeated token S=8k", B=1, H=2, Hkv=1, Sq=8192, Sk=8192, D=64, vocab=1),
+    dict(name="bf16 d64 zipf50k forced dense S=16k", B=1, H=2, Hkv=1, Sq=16384, Sk=16384, D=64, vocab="zipf",
+         match_path="dense"),
+    dict(name="bf16 d128 vocab3 forced sparse ks+bias S=4k", B=1, H=4, Hkv=2, Sq=4096, Sk=4096, D=128,
+         vocab=3, match_path="sparse", key_scale=True, key_bias=True, softcap=30.0),
     dict(name="bf16 d64 causal S=1k", B=2, H=4, Hkv=2, Sq=1024, Sk=1024, D=64),
     dict(name="bf16 d128 causal S=4k", B=1, H=4, Hkv=2, Sq=4096, Sk=4096, D=128),
     dict(name="bf16 d64 causal S=16k", B=1, H=4, Hkv=2, Sq=16384, Sk=16384, D=64),
@@ -202,9 +221,14 @@ def main() -> int:
     dev_name = "CPU interpreter (smoke)" if SMOKE else torch.cuda.get_device_name()
     print(f"torch {torch.__version__}, triton {triton.__version__}, {dev_name}", flush=True)
     seed0 = int.from_bytes(os.urandom(4), "little")
+    # --budget S: start no new case after S seconds (the device time of one call is limited).
+    budget = float(sys.argv[sys.argv.index("--budget") + 1]) if "--budget" in sys.argv else math.inf
     results = []
     t_all = time.perf_counter()
     for i, c in enumerate(CASES):
+        if time.perf_counter() - t_all > budget:
+            print(f"budget spent: {len(CASES) - i} cases not run", flush=True)
+            break
         try:
             r = check_case(c, seed0 + i)
         except Exception as exc:  # report and go on: one broken case must not hide the others
@@ -220,13 +244,16 @@ def main() -> int:
             json.dump(results, f, indent=1, default=str)
     print(f"\nkernel_check: {sum(r['ok'] for r in results)}/{len(results)} passed "
           f"in {time.perf_counter() - t_all:.0f}s (seed base {seed0})")
-    hdr = f"{'case':46s} {'out rel':>8s} {'lse':>8s} {'entropy':>8s} {'masses':>8s} {'colsum':>8s} {'amax≠':>6s} ok"
+    hdr = (f"{'case':46s} {'out rel':>8s} {'lse':>8s} {'entropy':>8s} {'masses':>8s} {'match':>8s} {'colsum':>8s} "
+           f"{'amax≠':>6s} {'m-path':>6s} ok")
     print(hdr)
     for r in results:
         masses = max((r.get(m, 0.0) for m in MASSES), default=0.0)
         f = lambda x: f"{x:8.1e}" if isinstance(x, float) else f"{'-':>8s}"  # noqa: E731
+        mt = max((r.get(m, 0.0) for m in ("match_mass", "next_match_mass")), default=0.0)
         print(f"{r['case'][:46]:46s} {f(r.get('out_rel'))} {f(r.get('lse'))} {f(r.get('entropy'))} {f(masses)} "
-              f"{f(r.get('colsum'))} {r.get('argmax_mismatch', '-')!s:>6s} {'PASS' if r['ok'] else 'FAIL'}")
+              f"{f(mt)} {f(r.get('colsum'))} {r.get('argmax_mismatch', '-')!s:>6s} {r.get('match_path', '-'):>6s} "
+              f"{'PASS' if r['ok'] else 'FAIL'}")
     return 0 if all(r["ok"] for r in results) else 1
 
 

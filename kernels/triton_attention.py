@@ -23,6 +23,8 @@ from .errors import BackwardNotSupportedError, KernelInputError
 from .stats import StatsRequest
 from .triton_colsum import _colsum_kernel
 from .triton_forward import LOG2E, NO_TOKEN_ID, _attn_fwd, _match_counts
+from .triton_match_pairs import (SPARSE_MAX_FRACTION, _pair_mass_kernel, key_tokens, pair_plan, query_tokens,
+                                 sort_rows)
 
 MAX_TOPK = 16
 MAX_OFFSETS = 32
@@ -102,6 +104,10 @@ POISON_OUTPUTS = False
 # relaunches the last colsum pass (same inputs, same lse) so the second pass can be timed alone.
 # Off by default: the closure holds q, k and the buffers alive.
 KEEP_COLSUM_LAUNCH = False
+# match / next_match path: "auto" (sparse pair pass when pairs are few, SPARSE_MAX_FRACTION), or
+# forced "dense" / "sparse" (tests and benchmarks run both; the numbers are the same sums).
+MATCH_PATH = "auto"
+last_match_paths: dict[str, str] = {}
 last_colsum_launch = None
 
 
@@ -110,6 +116,11 @@ def _small_config(interp: bool, head_dim: int) -> dict:
     if interp:
         return {"BLOCK_M": INTERPRET_TILES[0], "BLOCK_N": INTERPRET_TILES[1]}
     return {"BLOCK_M": 16, "BLOCK_N": 64 if head_dim >= 256 else 128}
+
+
+def _pair_tiles(interp: bool) -> tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the sparse match pass: the interpreter's small tiles, else 64 x 64."""
+    return INTERPRET_TILES if interp else (64, 64)
 
 
 def _len_bucket(Sq: int, Sk: int) -> int:
@@ -227,8 +238,26 @@ def attention_triton(
     match_o = alloc("match_mass", B, H, Sq) if request.match else dummy_f
     next_o = alloc("next_match_mass", B, H, Sq) if request.next_match else dummy_f
     kset_o = alloc("keyset_mass", B, H, Sq) if request.keyset else dummy_f
-    lse2_int = empty(B, H, Sq) if request.colsum else dummy_f
-    coef_int = empty(B, H, Sq, 2) if (request.colsum and key_scale is not None) else dummy_f
+    # Which token statistics go to the sparse pair pass (decided from the token ids alone, one sync).
+    plans: dict[str, tuple] = {}
+    last_match_paths.clear()
+    wanted = [n for n, w in (("match_mass", request.match), ("next_match_mass", request.next_match)) if w]
+    if wanted and (Sq == 0 or MATCH_PATH == "dense"):
+        last_match_paths.update({n: "dense" for n in wanted})
+    elif wanted:
+        sq = sort_rows(query_tokens(tok, key_valid, Sq))
+        cand = {n: pair_plan(*sq, key_tokens(tok if n == "match_mass" else prev_tok, key_valid),
+                             _pair_tiles(interp)[0], bool(causal)) for n in wanted}
+        walked = torch.stack([p[-1] for p in cand.values()]).tolist()
+        dense_scores = B * Sq * (Sk - Sq / 2 if causal else Sk)
+        for (name, plan), w in zip(cand.items(), walked):
+            sparse = MATCH_PATH == "sparse" or w <= SPARSE_MAX_FRACTION * dense_scores
+            last_match_paths[name] = "sparse" if sparse else "dense"
+            if sparse:
+                plans[name] = plan
+    save_lse = request.colsum or bool(plans)
+    lse2_int = empty(B, H, Sq) if save_lse else dummy_f
+    coef_int = empty(B, H, Sq, 2) if (save_lse and key_scale is not None) else dummy_f
 
     prec = "ieee" if q.dtype == torch.float32 else "tf32"
     flags = dict(
@@ -240,7 +269,9 @@ def attention_triton(
     # Tuning class: 0 output / lse / masses guarded to a few tiles, 1 per-element statistics without
     # token ids, 2 token comparisons, keyset or ACT (most registers). Measured on H100: the tile that
     # suits class 1 is not the one that suits class 2 (KERNEL_NOTES.md).
-    if request.match or request.next_match or request.keyset or key_scale is not None:
+    dense_match = request.match and "match_mass" not in plans
+    dense_next = request.next_match and "next_match_mass" not in plans
+    if dense_match or dense_next or request.keyset or key_scale is not None:
         heavy = 2
     elif request.entropy or request.topk:
         heavy = 1
@@ -257,8 +288,8 @@ def attention_triton(
     fwd_flags = dict(
         flags, LSE=request.lse, ENT=request.entropy, TOPK=topk, KPAD=max(2, _next_pow2(max(topk, 1))),
         FAST_TOP1=(topk == 1 and key_scale is None), SINK=request.sink_k > 0, NOFF=noff,
-        NOFF_PAD=max(2, _next_pow2(max(noff, 1))), MATCH=request.match, NEXT=request.next_match,
-        KEYSET=request.keyset, SAVE_LSE=request.colsum,
+        NOFF_PAD=max(2, _next_pow2(max(noff, 1))), MATCH=dense_match, NEXT=dense_next,
+        KEYSET=request.keyset, SAVE_LSE=save_lse,
     )
     # Short query blocks (decoding, Sq < 64) would waste most of a 128-row tile: fixed small tiles.
     if interp or Sq < 64:
@@ -270,16 +301,36 @@ def attention_triton(
         grid = lambda meta: (triton.cdiv(Sq, meta["BLOCK_M"]), B * H)  # noqa: E731
         _fwd_tuned[grid](*fwd_args, **fwd_flags, HEAVY=heavy, LEN_BUCKET=bucket)
 
-    if request.match or request.next_match:
-        mc = empty(B, Sq) if request.match else dummy_f
-        nc = empty(B, Sq) if request.next_match else dummy_f
+    counts: dict[str, torch.Tensor] = {}
+    for name, (perm_q, sorted_q, perm_k, sorted_k, k_lo, k_hi, _) in plans.items():
+        n_tiles = k_lo.shape[1]
+        counts[name] = empty(B, Sq)
+        _pair_mass_kernel[(n_tiles, B * H)](
+            q, k, lse2_int, coef_int, stats[name], counts[name], perm_q, sorted_q, perm_k, sorted_k, k_lo, k_hi,
+            *q.stride(), *k.stride(), H, G, Sq, Sk, OFF, qk_scale, cap2, int(window or 0), n_tiles,
+            kb_keys, kb_bias, ks_keys, hmask,
+            HEAD_DIM=HEAD_DIM, D_TRUE=D, BLOCK_M=_pair_tiles(interp)[0],
+            BLOCK_N=_pair_tiles(interp)[1], CAUSAL=bool(causal), HAS_WINDOW=window is not None,
+            STRICT=name == "match_mass", SOFTCAP=softcap is not None, KEY_BIAS=key_bias is not None,
+            KEY_SCALE=key_scale is not None, HAS_ZERO=has_zero, HAS_UNIFORM=has_uniform, PRESCALED=prescaled,
+            PREC=prec, COUNT=True, num_warps=4, num_stages=2)
+
+    if dense_match or dense_next:
+        # Counts of the statistics left on the dense path (the pair pass wrote its own).
+        mc = empty(B, Sq) if dense_match else dummy_f
+        nc = empty(B, Sq) if dense_next else dummy_f
         bm = 16 if interp else 64
         _match_counts[(triton.cdiv(Sq, bm), B)](
             tok, kv_u8, mc, nc, Sq, Sk, OFF, int(window or 0),
             BLOCK_M=bm, BLOCK_N=16 if interp else 128, CAUSAL=bool(causal), HAS_WINDOW=window is not None,
-            HAS_KV=key_valid is not None, MATCH=request.match, NEXT=request.next_match)
-        for name, c in (("match_count", mc if request.match else None),
-                        ("next_match_count", nc if request.next_match else None)):
+            HAS_KV=key_valid is not None, MATCH=dense_match, NEXT=dense_next)
+        if dense_match:
+            counts["match_mass"] = mc
+        if dense_next:
+            counts["next_match_mass"] = nc
+    if request.match or request.next_match:
+        for name, c in (("match_count", counts.get("match_mass")),
+                        ("next_match_count", counts.get("next_match_mass"))):
             if c is None:
                 continue
             full = c[:, None, :].expand(B, H, Sq).contiguous()

@@ -30,7 +30,7 @@ from headscope.kernels import (BackwardNotSupportedError, KeyBias, KeyScale, Sta
                                attention, attention_reference)
 
 _MODS = ("headscope.kernels.triton_forward", "headscope.kernels.triton_colsum",
-         "headscope.kernels.triton_attention")
+         "headscope.kernels.triton_match_pairs", "headscope.kernels.triton_attention")
 
 
 def _load_interpreted():
@@ -38,7 +38,7 @@ def _load_interpreted():
     from triton.runtime.interpreter import InterpretedFunction
     if not isinstance(mods[0]._attn_fwd, InterpretedFunction):
         mods = [importlib.reload(m) for m in mods]
-    return mods[2]
+    return mods[3]
 
 
 ta = _load_interpreted()
@@ -311,3 +311,41 @@ def test_large_topk_names_torch_backend():
     q = torch.randn(1, 1, 16, 64)
     with pytest.raises(KernelInputError, match="backend='torch'"):
         attention(q, q, q, stats=StatsRequest(topk=ta.MAX_TOPK + 1), backend="triton")
+
+
+MATCH_ONLY = StatsRequest(lse=True, match=True, next_match=True)
+
+
+@pytest.mark.parametrize("c", CASES)
+def test_sparse_match_path(c, monkeypatch):
+    """The pair pass (forced) gives the reference's match / next_match masses on every case above
+    (few distinct tokens: many repeats, long equal-token runs across tiles)."""
+    monkeypatch.setattr(ta, "MATCH_PATH", "sparse")
+    run_case(dict(c, name=c["name"] + "_sparse"), request=MATCH_ONLY)
+    assert ta.last_match_paths == {"match_mass": "sparse", "next_match_mass": "sparse"}
+
+
+def test_sparse_match_with_every_statistic_and_uneven_tiles(monkeypatch):
+    monkeypatch.setattr(ta, "MATCH_PATH", "sparse")
+    monkeypatch.setattr(ta, "INTERPRET_TILES", (32, 16))
+    run_case(dict(name="sparse_all_stats", B=2, H=4, Hkv=2, Sq=45, Sk=61, D=64, pad="mixed", window=30,
+                  key_scale=True, key_bias=True, vocab=7))
+
+
+def test_match_path_choice_and_agreement(monkeypatch):
+    """auto: text-like ids (many distinct tokens) take the pair pass, one repeated token the dense
+    loop; forcing the other path gives the same numbers."""
+    # 96 tokens in 16-row tiles: a tile walks >= 16 keys, so the fraction is raised for this size
+    # (the GPU's 64-row tiles at >= 1k tokens sit below the default; kernel_check records the path).
+    monkeypatch.setattr(ta, "SPARSE_MAX_FRACTION", 0.5)
+    c = dict(name="choice", B=2, H=2, Hkv=1, Sq=96, Sk=96, D=64, pad="left")
+    for vocab, expect in ((10000, "sparse"), (1, "dense")):
+        _, auto = run_case(dict(c, name=f"auto_vocab{vocab}", vocab=vocab), request=MATCH_ONLY, seed=7 + vocab)
+        assert set(ta.last_match_paths.values()) == {expect}
+        other = "dense" if expect == "sparse" else "sparse"
+        monkeypatch.setattr(ta, "MATCH_PATH", other)
+        _, forced = run_case(dict(c, name=f"{other}_vocab{vocab}", vocab=vocab), request=MATCH_ONLY, seed=7 + vocab)
+        assert set(ta.last_match_paths.values()) == {other}
+        for name in ("match_mass", "next_match_mass"):
+            torch.testing.assert_close(auto[name], forced[name], rtol=0, atol=1e-5)
+        monkeypatch.setattr(ta, "MATCH_PATH", "auto")
