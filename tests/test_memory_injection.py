@@ -28,6 +28,8 @@ def test_injection_equals_o_proj_bias(model):
     with torch.no_grad():
         want = ref(**batch).logits
         before = model.hf(**batch).logits
+        # transformers may own hooks of its own here (output capturing): compare, do not demand none
+        hooks_before = dict(model.attention_modules[layer]._forward_hooks)
         with inject_memory(model, " Paris", layer, tau):
             got = model.hf(**batch).logits
         after = model.hf(**batch).logits
@@ -35,7 +37,7 @@ def test_injection_equals_o_proj_bias(model):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
     assert (got - before).abs().max() > 1e-2
     assert torch.equal(before, after)
-    assert not model.attention_modules[layer]._forward_hooks
+    assert dict(model.attention_modules[layer]._forward_hooks) == hooks_before
 
 
 def test_injecting_the_answer_raises_its_probability(model):
