@@ -171,12 +171,12 @@ def save_pruned(pruned: HeadscopeModel, path) -> Path:
     return path
 
 
-def load_pruned(path, *, compact: bool = True) -> HeadscopeModel:
+def load_pruned(path, *, compact: bool = True, dtype: torch.dtype = torch.float32) -> HeadscopeModel:
     """Load a `save_pruned` checkpoint with transformers; compact=True strips the padding heads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = Path(path)
-    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     info = getattr(hf.config, CONFIG_FIELD, None)
     if info is None:
         raise PruningError(f"{path} has no {CONFIG_FIELD} field: not a headscope pruned checkpoint.")

@@ -121,9 +121,11 @@ def attention_reference(
     if chunk is None:
         chunk = max(16, min(Sq, _BLOCK_ELEMENTS // max(1, B * H * Sk)))
 
-    qf = q.float().reshape(B, Hkv, G, Sq, D)
-    kf, vf = k.float(), v.float()
-    out = torch.zeros(B, H, Sq, vf.shape[-1], dtype=torch.float32, device=dev)
+    # float32 at least (statistics need it); float64 inputs stay float64 so exactness tests can be exact
+    work = torch.float64 if q.dtype == torch.float64 else torch.float32
+    qf = q.to(work).reshape(B, Hkv, G, Sq, D)
+    kf, vf = k.to(work), v.to(work)
+    out = torch.zeros(B, H, Sq, vf.shape[-1], dtype=work, device=dev)
     stats = allocate_stats(request, B, H, Sq, Sk, dev)
     if pattern_heads:
         stats["pattern"] = torch.zeros(B, len(pattern_heads), Sq, Sk, dtype=torch.float32, device=dev)
@@ -142,7 +144,7 @@ def attention_reference(
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap
         if key_bias is not None:
-            s = s + key_bias.bias.float()[None, :, None, None] * key_bias.keys[:, None, None, lo:hi].float()
+            s = s + key_bias.bias.to(work)[None, :, None, None] * key_bias.keys[:, None, None, lo:hi].to(work)
         if uniform is not None:
             s = torch.where(uniform[None, :, None, None], torch.zeros_like(s), s)
         p, lse = _masked_softmax_(s, vis)

@@ -104,7 +104,11 @@ def test_click_a_head_and_see_its_pattern(server, browser):
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "g.heatmaplayer image, g.heatmaplayer"))
     wait.until(lambda d: any(f"layer {layer} head {head}" in t.text
                              for t in d.find_elements(By.CSS_SELECTOR, "text.gtitle")))
-    ticks = [t.text for t in browser.find_elements(By.CSS_SELECTOR, "g.xtick text")]
+    # streamlit may re-render the chart while we read it: retry reads that hit a replaced element
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    ticks = WebDriverWait(browser, 60, ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: [t.text for t in d.find_elements(By.CSS_SELECTOR, "g.xtick text")] or False)
     assert ticks and ticks[0].startswith("0:")  # token labels on the key axis
     assert not browser.find_elements(By.CSS_SELECTOR, '[data-testid="stException"], [data-testid="stAlertContentError"]')
     time.sleep(1.0)  # let plotly finish its transition before the screenshot
