@@ -6,19 +6,9 @@ import torch
 
 from headscope.probe import StatsRequest, load_model
 
+from eager_reference import eager_patterns
+
 REQUEST = StatsRequest(lse=False, entropy=True, topk=1, sink_k=1, offsets=(1,), colsum=True)
-
-
-def eager_patterns(model, ids, mask) -> torch.Tensor:
-    """[B, L, H, S, S] probabilities from transformers' eager attention."""
-    impl = model.hf.config._attn_implementation
-    model.hf.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            out = model.hf(input_ids=ids, attention_mask=mask, output_attentions=True)
-    finally:
-        model.hf.set_attn_implementation(impl)
-    return torch.stack(out.attentions, 1).float()
 
 
 def check_against_eager(model, ids, mask):

@@ -14,6 +14,8 @@ from headscope.circuits.detectors import DetectorConfig
 from headscope.circuits.needle import NEEDLES, build_needle_prompt, haystack_sentences, rouge1_recall
 from headscope.probe.errors import InputError
 
+from eager_reference import eager_patterns
+
 
 def _fixtures() -> Path | None:
     for base in (Path(__file__).parents[2] / "shared" / "fixtures", Path("/work/shared/fixtures")):
@@ -128,13 +130,7 @@ def test_hit_scores_by_hand():
 def _eager_hits(model, prompt, emitted):
     """Reference: transformers' eager attention matrix over prompt + emitted tokens (no headscope)."""
     ids = torch.cat([prompt.input_ids, torch.tensor(emitted[:-1], dtype=torch.long)])[None]
-    saved = model.hf.config._attn_implementation
-    model.hf.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            att = model.hf(input_ids=ids, output_attentions=True, use_cache=False).attentions
-    finally:
-        model.hf.set_attn_implementation(saved)
+    att = eager_patterns(model, ids).unbind(1)  # per layer [B, H, S, S]
     S = prompt.input_ids.shape[0]
     s0, s1 = prompt.answer_span
     w = torch.tensor(emitted)

@@ -11,6 +11,8 @@ from headscope.circuits.temporal import (answer_ids, candidate_eval, candidate_p
                                          year_positions)
 from headscope.probe.errors import InputError
 
+from eager_reference import eager_patterns
+
 
 def test_fact_set_shape(model):
     facts = load_facts()
@@ -68,13 +70,7 @@ def test_year_attention_matches_eager(model):
     f = load_facts(kind="temporal")[0]
     ours = year_attention(model, [f])
     ids = torch.tensor([prompt_ids(model, f.prompt)])
-    saved = model.hf.config._attn_implementation
-    model.hf.set_attn_implementation("eager")
-    try:
-        with torch.no_grad():
-            att = model.hf(input_ids=ids, output_attentions=True, use_cache=False).attentions
-    finally:
-        model.hf.set_attn_implementation(saved)
+    att = eager_patterns(model, ids).unbind(1)  # per layer [B, H, S, S]
     pos = year_positions(model, f.prompt, f.year)
     ref = torch.stack([a[0, :, -1, pos].sum(-1) for a in att]).float()
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
