@@ -23,8 +23,7 @@ from .errors import BackwardNotSupportedError, KernelInputError
 from .stats import StatsRequest
 from .triton_colsum import _colsum_kernel
 from .triton_forward import LOG2E, NO_TOKEN_ID, _attn_fwd, _match_counts
-from .triton_match_pairs import (SPARSE_MAX_FRACTION, _pair_mass_kernel, key_tokens, pair_plan, query_tokens,
-                                 sort_rows)
+from .triton_match_pairs import _pair_mass_kernel, key_tokens, pair_plan, query_tokens, sort_rows
 
 MAX_TOPK = 16
 MAX_OFFSETS = 32
@@ -104,8 +103,8 @@ POISON_OUTPUTS = False
 # relaunches the last colsum pass (same inputs, same lse) so the second pass can be timed alone.
 # Off by default: the closure holds q, k and the buffers alive.
 KEEP_COLSUM_LAUNCH = False
-# match / next_match path: "auto" (sparse pair pass when pairs are few, SPARSE_MAX_FRACTION), or
-# forced "dense" / "sparse" (tests and benchmarks run both; the numbers are the same sums).
+# match / next_match path: "auto" = "sparse" (the pair pass after the forward, no host sync), or
+# "dense" (in the forward loop: tests and benchmarks run both; the numbers are the same sums).
 MATCH_PATH = "auto"
 last_match_paths: dict[str, str] = {}
 last_colsum_launch = None
@@ -121,6 +120,19 @@ def _small_config(interp: bool, head_dim: int) -> dict:
 def _pair_tiles(interp: bool) -> tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the sparse match pass: the interpreter's small tiles, else 64 x 64."""
     return INTERPRET_TILES if interp else (64, 64)
+
+
+_OFFSETS_CACHE: dict = {}
+
+
+def _offsets_tensor(offsets: tuple, dev) -> torch.Tensor:
+    """The offsets as an int32 device tensor, made once per (offsets, device): building it each call
+    is a host-to-device copy, which PyTorch makes blocking (the GPU would idle behind the host)."""
+    key = (offsets, str(dev))
+    t = _OFFSETS_CACHE.get(key)
+    if t is None:
+        t = _OFFSETS_CACHE[key] = torch.tensor(offsets, dtype=torch.int32, device=dev)
+    return t
 
 
 def _len_bucket(Sq: int, Sk: int) -> int:
@@ -213,7 +225,7 @@ def attention_triton(
     else:
         first = torch.empty(1, dtype=torch.int32, device=dev)
     noff = len(request.offsets)
-    offs = torch.tensor(request.offsets or (0,), dtype=torch.int32, device=dev)
+    offs = _offsets_tensor(tuple(request.offsets) or (0,), dev)
 
     def empty(*shape, dtype=torch.float32):
         t = torch.empty(*shape, dtype=dtype, device=dev)
@@ -238,23 +250,23 @@ def attention_triton(
     match_o = alloc("match_mass", B, H, Sq) if request.match else dummy_f
     next_o = alloc("next_match_mass", B, H, Sq) if request.next_match else dummy_f
     kset_o = alloc("keyset_mass", B, H, Sq) if request.keyset else dummy_f
-    # Which token statistics go to the sparse pair pass (decided from the token ids alone, one sync).
+    # Token statistics go to the sparse pair pass (plans queued on the device: nothing here syncs).
     plans: dict[str, tuple] = {}
     last_match_paths.clear()
     wanted = [n for n, w in (("match_mass", request.match), ("next_match_mass", request.next_match)) if w]
     if wanted and (Sq == 0 or MATCH_PATH == "dense"):
         last_match_paths.update({n: "dense" for n in wanted})
     elif wanted:
-        sq = sort_rows(query_tokens(tok, key_valid, Sq))
-        cand = {n: pair_plan(*sq, key_tokens(tok if n == "match_mass" else prev_tok, key_valid),
-                             _pair_tiles(interp)[0], bool(causal)) for n in wanted}
-        walked = torch.stack([p[-1] for p in cand.values()]).tolist()
-        dense_scores = B * Sq * (Sk - Sq / 2 if causal else Sk)
-        for (name, plan), w in zip(cand.items(), walked):
-            sparse = MATCH_PATH == "sparse" or w <= SPARSE_MAX_FRACTION * dense_scores
-            last_match_paths[name] = "sparse" if sparse else "dense"
-            if sparse:
-                plans[name] = plan
+        tq = query_tokens(tok, key_valid, Sq)
+        sq = sort_rows(tq)
+        bm = _pair_tiles(interp)[0]
+        for name in wanted:
+            # Without padding and with Sq == Sk the match keys are the query tokens: one sort serves both.
+            same = name == "match_mass" and key_valid is None and Sq == Sk
+            plans[name] = pair_plan(*sq, tq if same else key_tokens(tok if name == "match_mass" else prev_tok,
+                                                                    key_valid),
+                                    bm, bool(causal), sorted_keys=sq if same else None)
+            last_match_paths[name] = "sparse"
     save_lse = request.colsum or bool(plans)
     lse2_int = empty(B, H, Sq) if save_lse else dummy_f
     coef_int = empty(B, H, Sq, 2) if (save_lse and key_scale is not None) else dummy_f
@@ -302,7 +314,7 @@ def attention_triton(
         _fwd_tuned[grid](*fwd_args, **fwd_flags, HEAVY=heavy, LEN_BUCKET=bucket)
 
     counts: dict[str, torch.Tensor] = {}
-    for name, (perm_q, sorted_q, perm_k, sorted_k, k_lo, k_hi, _) in plans.items():
+    for name, (perm_q, sorted_q, perm_k, sorted_k, k_lo, k_hi) in plans.items():
         n_tiles = k_lo.shape[1]
         counts[name] = empty(B, Sq)
         _pair_mass_kernel[(n_tiles, B * H)](

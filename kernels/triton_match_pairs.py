@@ -9,9 +9,12 @@ from the forward's saved base-2 lse (the same recomputation as the colsum pass, 
 included) and summing it where the tokens are equal and the pair is visible. Each row's pairs all
 lie in its program's key range, so each row is written once, no atomics.
 
-`attention_triton` takes this path when the walked tile area is small next to the dense score
-count (`SPARSE_MAX_FRACTION`); repetitive inputs (one token repeated: S^2/2 pairs) keep the dense
-in-kernel statistic. Both compute the same sums of the same probabilities.
+`attention_triton` always takes this path for match / next_match (the dense in-kernel statistic is
+kept for tests and benchmarks, `MATCH_PATH = "dense"`); both compute the same sums of the same
+probabilities. Nothing here waits for the device: the plan (two sorts and a binary-search kernel) is
+queued behind the forward. The walk is bounded whatever the text: a tile visits at most Sk keys
+(at most twice the dense causal score count, one repeated token: the identity order, i.e. the dense
+pass); on text (Zipf ids) it is ~2% of the causal scores.
 """
 
 from __future__ import annotations
@@ -22,9 +25,6 @@ import triton.language as tl
 
 from .triton_forward import NO_TOKEN_ID, _scores
 
-# Sparse when the sorted-pair walk covers at most this fraction of the dense causal score count
-# (its tiles are gathered and fully masked, so an element costs a few dense elements).
-SPARSE_MAX_FRACTION = 0.125
 _Q_SENTINEL = NO_TOKEN_ID + 1  # padded query rows: equal to no key
 _Q_SENTINEL_C = tl.constexpr(_Q_SENTINEL)
 NO_TOKEN_C = tl.constexpr(NO_TOKEN_ID)
@@ -55,7 +55,7 @@ def _pair_mass_kernel(
     b64 = b.to(tl.int64)
     idx_m = u * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = idx_m < Sq
-    rows = tl.load(PermQ + b64 * Sq + idx_m, mask=m_ok, other=0)
+    rows = tl.load(PermQ + b64 * Sq + idx_m, mask=m_ok, other=0).to(tl.int32)
     tq = tl.load(TokQ + b64 * Sq + idx_m, mask=m_ok, other=_Q_SENTINEL_C)
     pos_m = OFF + rows
     offs_d = tl.arange(0, HEAD_DIM)
@@ -84,7 +84,7 @@ def _pair_mass_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         idx_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = idx_n < hi
-        jpos = tl.load(PermK + b64 * Sk + idx_n, mask=n_ok, other=0)
+        jpos = tl.load(PermK + b64 * Sk + idx_n, mask=n_ok, other=0).to(tl.int32)
         jpos = tl.where(n_ok, jpos, Sk)  # out of range: fails every visibility test below
         tk = tl.load(TokK + b64 * Sk + idx_n, mask=n_ok, other=NO_TOKEN_C)
         kmask = n_ok[:, None]
@@ -123,6 +123,46 @@ def _pair_mass_kernel(
             tl.store(Count + b64 * Sq + rows, cnt, mask=m_ok)
 
 
+@triton.jit
+def _pair_ranges_kernel(SortedQ, PermQ, SortedK, PermK, KLo, KHi, Sq, Sk, OFF, n_tiles, n_steps,
+                        BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, CAUSAL: tl.constexpr):
+    """Grid (cdiv(n_tiles, BLOCK_T), B): each query tile's range [KLo, KHi) of sorted keys, by two
+    binary searches vectorised over BLOCK_T tiles (n_steps = bit length of Sk). Lower end: the first
+    key whose token is >= the tile's first token; upper end: the first key past (last token, last
+    row's position) in (token, position) order (past the last token alone when not causal)."""
+    b64 = tl.program_id(1).to(tl.int64)
+    u = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    u_ok = u < n_tiles
+    first = u * BLOCK_M
+    last = tl.minimum(first + BLOCK_M - 1, Sq - 1)
+    t_first = tl.load(SortedQ + b64 * Sq + first, mask=u_ok, other=0)
+    t_last = tl.load(SortedQ + b64 * Sq + last, mask=u_ok, other=0)
+    if CAUSAL:
+        p_last = OFF + tl.load(PermQ + b64 * Sq + last, mask=u_ok, other=0).to(tl.int32)
+    else:
+        p_last = t_last * 0 + Sk
+    lo_a = tl.zeros([BLOCK_T], tl.int32)
+    hi_a = lo_a + Sk
+    lo_b = lo_a
+    hi_b = hi_a
+    for _s in range(n_steps):
+        act_a = lo_a < hi_a
+        mid_a = (lo_a + hi_a) // 2
+        va = tl.load(SortedK + b64 * Sk + mid_a, mask=act_a & u_ok, other=0)
+        right_a = va < t_first
+        lo_a = tl.where(act_a & right_a, mid_a + 1, lo_a)
+        hi_a = tl.where(act_a & ~right_a, mid_a, hi_a)
+        act_b = lo_b < hi_b
+        mid_b = (lo_b + hi_b) // 2
+        vb = tl.load(SortedK + b64 * Sk + mid_b, mask=act_b & u_ok, other=0)
+        pb = tl.load(PermK + b64 * Sk + mid_b, mask=act_b & u_ok, other=0).to(tl.int32)
+        right_b = (vb < t_last) | ((vb == t_last) & (pb <= p_last))
+        lo_b = tl.where(act_b & right_b, mid_b + 1, lo_b)
+        hi_b = tl.where(act_b & ~right_b, mid_b, hi_b)
+    tl.store(KLo + b64 * n_tiles + u, lo_a, mask=u_ok)
+    tl.store(KHi + b64 * n_tiles + u, tl.maximum(lo_b, lo_a), mask=u_ok)
+
+
 def sort_rows(tok_q: torch.Tensor):
     """Query rows sorted by (token, position): (perm_q int64, sorted tokens) [B, Sq]. A stable sort
     on the int32 ids alone gives that order, positions being ascending already."""
@@ -130,32 +170,29 @@ def sort_rows(tok_q: torch.Tensor):
     return perm_q, sorted_q
 
 
-def pair_plan(perm_q: torch.Tensor, sorted_q: torch.Tensor, tok_k: torch.Tensor, block_m: int, causal: bool):
-    """Sorted keys and each query tile's key range (no host sync: `walked` stays a tensor).
+def pair_plan(perm_q: torch.Tensor, sorted_q: torch.Tensor, tok_k: torch.Tensor, block_m: int, causal: bool,
+              sorted_keys: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Sorted keys and each query tile's key range, all on the device (no host sync).
 
     perm_q / sorted_q from `sort_rows` (padded rows carry _Q_SENTINEL), tok_k [B, Sk] int32; query
     row r sits at key position Sk - Sq + r. Rows and keys are in (token, position) order, so under
     causal masking a tile's range can stop at its last row's (token, position): later keys of that
-    token are in every row's future, and no row of the tile holds a larger token. Returns
-    (perm_q, sorted_q, perm_k, sorted_k, k_lo, k_hi, walked) with int32 index tensors and walked = a
-    0-d tensor, the (row, key) slots the pass visits summed over the batch.
+    token are in every row's future, and no row of the tile holds a larger token. `sorted_keys`
+    (perm_k, sorted_k): tok_k already sorted (the query sort, when queries and keys are the same
+    tokens). Returns (perm_q, sorted_q, perm_k, sorted_k, k_lo, k_hi): perms int64 as torch.sort
+    gives them, ranges int32 [B, n_tiles]. The walk is (k_hi - k_lo).sum() * block_m slots.
     """
     B, Sq = sorted_q.shape
     Sk = tok_k.shape[1]
-    dev = sorted_q.device
-    sorted_k, perm_k = torch.sort(tok_k, dim=1, stable=True)
-    ck_sorted = sorted_k.long() * (Sk + 1) + perm_k
+    perm_k, sorted_k = sorted_keys if sorted_keys is not None else sort_rows(tok_k)
     n_tiles = triton.cdiv(Sq, block_m)
-    first = torch.arange(n_tiles, device=dev) * block_m
-    last = torch.clamp(first + block_m - 1, max=Sq - 1)
-    pos_last = (perm_q[:, last] + (Sk - Sq)) if causal else torch.full_like(perm_q[:, last], Sk)
-    k_lo = torch.searchsorted(ck_sorted, (sorted_q[:, first].long() * (Sk + 1)).contiguous(), right=False)
-    k_hi = torch.searchsorted(ck_sorted, (sorted_q[:, last].long() * (Sk + 1) + pos_last).contiguous(), right=True)
-    k_hi = torch.maximum(k_hi, k_lo)
-    walked = (k_hi - k_lo).sum() * block_m
-    i32 = torch.int32
-    return (perm_q.to(i32).contiguous(), sorted_q.contiguous(), perm_k.to(i32).contiguous(),
-            sorted_k.contiguous(), k_lo.to(i32).contiguous(), k_hi.to(i32).contiguous(), walked)
+    k_lo = torch.empty(B, n_tiles, dtype=torch.int32, device=sorted_q.device)
+    k_hi = torch.empty_like(k_lo)
+    block_t = 64
+    _pair_ranges_kernel[(triton.cdiv(n_tiles, block_t), B)](
+        sorted_q, perm_q, sorted_k, perm_k, k_lo, k_hi, Sq, Sk, Sk - Sq, n_tiles, max(1, Sk.bit_length()),
+        BLOCK_M=block_m, BLOCK_T=block_t, CAUSAL=causal)
+    return perm_q, sorted_q, perm_k, sorted_k, k_lo, k_hi
 
 
 def query_tokens(tok: torch.Tensor, key_valid: torch.Tensor | None, Sq: int) -> torch.Tensor:

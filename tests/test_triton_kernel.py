@@ -332,20 +332,34 @@ def test_sparse_match_with_every_statistic_and_uneven_tiles(monkeypatch):
                   key_scale=True, key_bias=True, vocab=7))
 
 
-def test_match_path_choice_and_agreement(monkeypatch):
-    """auto: text-like ids (many distinct tokens) take the pair pass, one repeated token the dense
-    loop; forcing the other path gives the same numbers."""
-    # 96 tokens in 16-row tiles: a tile walks >= 16 keys, so the fraction is raised for this size
-    # (the GPU's 64-row tiles at >= 1k tokens sit below the default; kernel_check records the path).
-    monkeypatch.setattr(ta, "SPARSE_MAX_FRACTION", 0.5)
+def test_match_path_auto_and_agreement(monkeypatch):
+    """auto takes the pair pass for text-like ids and for one repeated token (its sorted walk is then
+    the dense causal pass, in key order); forcing the in-loop dense path gives the same numbers."""
     c = dict(name="choice", B=2, H=2, Hkv=1, Sq=96, Sk=96, D=64, pad="left")
-    for vocab, expect in ((10000, "sparse"), (1, "dense")):
+    for vocab in (10000, 1):
         _, auto = run_case(dict(c, name=f"auto_vocab{vocab}", vocab=vocab), request=MATCH_ONLY, seed=7 + vocab)
-        assert set(ta.last_match_paths.values()) == {expect}
-        other = "dense" if expect == "sparse" else "sparse"
-        monkeypatch.setattr(ta, "MATCH_PATH", other)
-        _, forced = run_case(dict(c, name=f"{other}_vocab{vocab}", vocab=vocab), request=MATCH_ONLY, seed=7 + vocab)
-        assert set(ta.last_match_paths.values()) == {other}
-        for name in ("match_mass", "next_match_mass"):
+        assert ta.last_match_paths == {"match_mass": "sparse", "next_match_mass": "sparse"}
+        monkeypatch.setattr(ta, "MATCH_PATH", "dense")
+        _, forced = run_case(dict(c, name=f"dense_vocab{vocab}", vocab=vocab), request=MATCH_ONLY, seed=7 + vocab)
+        assert ta.last_match_paths == {"match_mass": "dense", "next_match_mass": "dense"}
+        for name in ("match_mass", "next_match_mass", "match_count", "next_match_count"):
             torch.testing.assert_close(auto[name], forced[name], rtol=0, atol=1e-5)
         monkeypatch.setattr(ta, "MATCH_PATH", "auto")
+
+
+def test_pair_plan_ranges_match_searchsorted():
+    """The binary-search range kernel against torch.searchsorted on (token, position) keys."""
+    from headscope.kernels.triton_match_pairs import pair_plan, sort_rows
+    g = torch.Generator().manual_seed(SEED)
+    for causal, vocab, Sq, Sk, bm in ((True, 3, 50, 61, 16), (False, 7, 45, 45, 16), (True, 1000, 33, 70, 8)):
+        tok = torch.randint(0, vocab, (2, Sk), generator=g, dtype=torch.int32)
+        tq = tok[:, Sk - Sq:].contiguous()
+        tq[0, :5] = -2147483647  # padded query rows carry the sentinel
+        perm_q, sorted_q, perm_k, sorted_k, k_lo, k_hi = pair_plan(*sort_rows(tq), tok, bm, causal)
+        ck = sorted_k.long() * (Sk + 1) + perm_k
+        first = torch.arange(0, Sq, bm)
+        last = torch.clamp(first + bm - 1, max=Sq - 1)
+        pos_last = perm_q[:, last] + (Sk - Sq) if causal else torch.full((2, len(last)), Sk)
+        lo = torch.searchsorted(ck, (sorted_q[:, first].long() * (Sk + 1)).contiguous())
+        hi = torch.searchsorted(ck, (sorted_q[:, last].long() * (Sk + 1) + pos_last).contiguous(), right=True)
+        assert torch.equal(k_lo.long(), lo) and torch.equal(k_hi.long(), torch.maximum(hi, lo)), (causal, vocab)
