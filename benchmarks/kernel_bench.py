@@ -85,7 +85,7 @@ def run(dims, seqs) -> list[dict]:
             fa = ours(StatsRequest())
             fb = ours(all_stats, token_ids=tok, keyset=kset)
             fc_setup = ours(StatsRequest(colsum=True))
-            cases = [("a", fa, "auto"), ("b", fb, "auto"), ("bd", fb, "dense")]
+            cases = [("a", fa, "auto"), ("b", fb, "auto")] + ([] if NO_DENSE else [("bd", fb, "dense")])
             t0 = time.perf_counter()
             for tag, fn, path in cases:
                 ta.MATCH_PATH = path
@@ -143,6 +143,7 @@ def run(dims, seqs) -> list[dict]:
 
 
 NO_EAGER = False
+NO_DENSE = False
 
 
 def fmt(x, spec=".0f"):
@@ -222,9 +223,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="d64/d128 at 4k and 16k only")
     ap.add_argument("--breakdown", action="store_true", help="also: cumulative cost of each statistic at 16k")
     ap.add_argument("--no-eager", action="store_true", help="skip (e), the materialising baseline")
+    ap.add_argument("--no-dense", action="store_true", help="skip (b-dn), match/next_match forced into the loop")
     args = ap.parse_args()
-    global NO_EAGER
-    NO_EAGER = args.no_eager
+    global NO_EAGER, NO_DENSE
+    NO_EAGER, NO_DENSE = args.no_eager, args.no_dense
     dims = [int(x) for x in args.dims.split(",")]
     seqs = [4096, 16384] if args.quick else [int(x) for x in args.seqs.split(",")]
     # Tune at 4k first: the autotune key has no length, so the first call's shape picks the config.

@@ -47,8 +47,8 @@ def compile_fwd(flags: dict, bm: int, bn: int, warps: int, stages: int, dim: int
     fn = _attn_fwd
     base = dict(HEAD_DIM=dim, D_TRUE=dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, HAS_WINDOW=False, HAS_KV=False,
                 SOFTCAP=False, KEY_BIAS=False, KEY_SCALE=False, HAS_ZERO=False, HAS_UNIFORM=False, LSE=False,
-                ENT=False, TOPK=0, KPAD=2, SINK=False, NOFF=0, NOFF_PAD=2, MATCH=False, NEXT=False,
-                KEYSET=False, SAVE_LSE=False, PREC="tf32", PRESCALED=False, FAST_TOP1=False, HEAVY=0)
+                ENT=False, TOPK=0, KPAD=2, SINK=False, NOFF=0, MATCH=False, NEXT=False,
+                KEYSET=False, KW=16, SAVE_LSE=False, PREC="tf32", PRESCALED=False, FAST_TOP1=False, HEAVY=0)
     base.update(flags)
     names = fn.arg_names
     sig, const, attrs = {}, {}, {}

@@ -28,6 +28,7 @@ from .triton_match_pairs import _pair_mass_kernel, key_tokens, pair_plan, query_
 MAX_TOPK = 16
 MAX_OFFSETS = 32
 MAX_HEAD_DIM = 256
+KEY_W = 16  # columns of the key-weight tile (tl.dot needs >= 16); column 0 carries the key set
 
 
 def _interpreting() -> bool:
@@ -39,9 +40,10 @@ def _next_pow2(n: int) -> int:
 
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head_dim, for Hopper (sm_90, 228 KB smem).
-# ptxas for sm_90a (compiled offline, see benchmarks/KERNEL_NOTES.md): with every statistic compiled
-# in, d64 128x64 at 4 warps spills 1.8 KB and 128x128 at 8 warps 0.7 KB, d128 128x128 1.5 KB; those
-# are tried for output-only / light requests alone (_LIGHT_ONLY).
+# ptxas for sm_90a (compiled offline, benchmarks/kernel_sass.py): with every one-pass statistic on
+# the pair path (sink / offsets in the epilogue, keyset on the tensor cores), d64 128x64 at 4 warps
+# still spills (192 B stack) and d128 128x128 at 8 warps too (208 B); d64 128x128 at 8 warps no
+# longer does (255 registers, no stack). The spilling ones are tried for light requests alone.
 _FWD_CONFIGS = {
     16: [(128, 64, 4, 3), (128, 64, 8, 3)],
     32: [(128, 64, 4, 3), (128, 64, 8, 3)],
@@ -49,7 +51,7 @@ _FWD_CONFIGS = {
     128: [(128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)],
     256: [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2)],
 }
-_LIGHT_ONLY = {(64, 128, 64, 4, 3), (64, 128, 128, 8, 3), (128, 128, 128, 8, 2)}
+_LIGHT_ONLY = {(64, 128, 64, 4, 3), (128, 128, 128, 8, 2)}
 _COLSUM_CONFIGS = {
     16: [(64, 128, 4, 3), (128, 128, 8, 3)],
     32: [(64, 128, 4, 3), (128, 128, 8, 3)],
@@ -203,7 +205,12 @@ def attention_triton(
     kv_u8 = _as_u8(key_valid, B, Sk, dev)
     tok = token_ids.to(device=dev, dtype=torch.int32).contiguous() if token_ids is not None \
         else torch.empty(1, dtype=torch.int32, device=dev)
-    kset = keyset.to(device=dev, dtype=torch.float32).contiguous() if request.keyset else dummy_f
+    if request.keyset:
+        # Key weights for the tensor-core masses: [B, Sk, KEY_W] in q's dtype, column 0 the key set.
+        kset = torch.zeros(B, Sk, KEY_W, dtype=q.dtype, device=dev)
+        kset[:, :, 0] = keyset.to(device=dev, dtype=q.dtype)
+    else:
+        kset = torch.empty(1, dtype=q.dtype, device=dev)
     if request.next_match:
         # The token before each key, NO_TOKEN_ID where there is none or it is padding: the kernel then
         # compares it like a plain token instead of loading and masking j - 1 in every tile.
@@ -278,14 +285,14 @@ def attention_triton(
         KEY_SCALE=key_scale is not None, HAS_ZERO=has_zero, HAS_UNIFORM=has_uniform,
         PRESCALED=prescaled, PREC=prec,
     )
-    # Tuning class: 0 output / lse / masses guarded to a few tiles, 1 per-element statistics without
-    # token ids, 2 token comparisons, keyset or ACT (most registers). Measured on H100: the tile that
-    # suits class 1 is not the one that suits class 2 (KERNEL_NOTES.md).
+    # Tuning class: 0 output / lse / sink / offsets (epilogue only), 1 per-element statistics without
+    # token ids (entropy, top-k) and keyset (tensor cores), 2 dense token comparisons or ACT (most
+    # registers). Measured on H100: the tile that suits class 1 is not the one that suits class 2.
     dense_match = request.match and "match_mass" not in plans
     dense_next = request.next_match and "next_match_mass" not in plans
-    if dense_match or dense_next or request.keyset or key_scale is not None:
+    if dense_match or dense_next or key_scale is not None:
         heavy = 2
-    elif request.entropy or request.topk:
+    elif request.entropy or request.topk or request.keyset:
         heavy = 1
     else:
         heavy = 0
@@ -300,8 +307,7 @@ def attention_triton(
     fwd_flags = dict(
         flags, LSE=request.lse, ENT=request.entropy, TOPK=topk, KPAD=max(2, _next_pow2(max(topk, 1))),
         FAST_TOP1=(topk == 1 and key_scale is None), SINK=request.sink_k > 0, NOFF=noff,
-        NOFF_PAD=max(2, _next_pow2(max(noff, 1))), MATCH=dense_match, NEXT=dense_next,
-        KEYSET=request.keyset, SAVE_LSE=save_lse,
+        MATCH=dense_match, NEXT=dense_next, KEYSET=request.keyset, KW=KEY_W, SAVE_LSE=save_lse,
     )
     # Short query blocks (decoding, Sq < 64) would waste most of a 128-row tile: fixed small tiles.
     if interp or Sq < 64:

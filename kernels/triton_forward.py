@@ -1,9 +1,13 @@
 """Triton forward kernel: FlashAttention-2 online softmax that also accumulates the one-pass statistics.
 
-Scores live in base 2 (s2 = s * log2 e) so the exponential is one `exp2`. Every statistic that is a
-mass (sink, match, next_match, keyset) is a running sum of the same unnormalised probabilities
-p = exp2(s2 - m) that feed the output, rescaled by the same alpha when the row maximum m moves, and
-divided by the same normaliser l at the end; entropy uses A = sum p (s2 - m), also rescaled.
+Scores live in base 2 (s2 = s * log2 e) so the exponential is one `exp2`. The masses of the loop
+(match, next_match on the dense path; keyset) are running sums of the same unnormalised
+probabilities p = exp2(s2 - m) that feed the output, rescaled by the same alpha when the row
+maximum m moves, and divided by the same normaliser l at the end; entropy uses A = sum p (s2 - m),
+also rescaled. keyset_mass rides on the tensor cores: the bf16/fp16 p of P.V times a [BN, KW] tile
+of key weights (column 0 the key set), so its error is that of P.V (<= 2^-9 of the mass in bf16).
+Masses that touch one or two key tiles per row block (sink_mass, offset_mass) are recomputed in the
+epilogue from q, their keys and the final lse, so the loop carries no code for them.
 
 Under `key_scale` (ACT) every accumulator is split into the part on the key set and the rest, and the
 epilogue combines them with the two factors beta and (1 - beta S)/(1 - S) that only the final S knows.
@@ -25,6 +29,8 @@ LN2 = 0.6931471805599453
 # Token id that no real token has: marks "no previous token" for next_match.
 NO_TOKEN_ID = -2147483648
 NO_TOKEN = tl.constexpr(NO_TOKEN_ID)
+# Keys per tile of the epilogue's sink-mass recomputation (sink_k is usually 1-4).
+SINK_BN = tl.constexpr(16)
 
 
 @triton.jit
@@ -107,18 +113,20 @@ def _topk_insert(vals, idx, x, n0, BLOCK_N: tl.constexpr, TOPK: tl.constexpr, KP
 @triton.jit
 def _fwd_tile(
     t, q, K_bh, V_bh, skn, skd, svn, svd,
-    acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis,
-    sink, sinks, offs, mm, mms, nm, nms, km, kms,
-    pos_m, pos0, tok_q, KeyValid_b, Tok_b, PrevTok_b, Keyset_b, KsKeys_b, KbKeys_b, Offs,
-    Sk, window, qk_scale, cap2, bias2, uniform, first, sink_k,
+    acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, mm, mms, nm, nms, kw, kws,
+    pos_m, tok_q, KeyValid_b, Tok_b, PrevTok_b, KeyW_b, KsKeys_b, KbKeys_b,
+    Sk, window, qk_scale, cap2, bias2, uniform,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KV: tl.constexpr,
     SOFTCAP: tl.constexpr, KEY_BIAS: tl.constexpr, HAS_UNIFORM: tl.constexpr, KEY_SCALE: tl.constexpr,
     ENT: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr, FAST_TOP1: tl.constexpr,
-    SINK: tl.constexpr, NOFF: tl.constexpr, NOFF_PAD: tl.constexpr, MATCH: tl.constexpr,
-    NEXT: tl.constexpr, KEYSET: tl.constexpr, PRESCALED: tl.constexpr, PREC: tl.constexpr,
+    MATCH: tl.constexpr, NEXT: tl.constexpr, KEYSET: tl.constexpr, KW: tl.constexpr,
+    PRESCALED: tl.constexpr, PREC: tl.constexpr,
 ):
-    """One key block t of the online-softmax loop, for output and every requested statistic."""
+    """One key block t of the online-softmax loop, for output and every per-element statistic.
+
+    sink_mass and offset_mass are not here: they touch one or two tiles per row block, and the
+    epilogue recomputes them from the final lse (`_sink_mass`, `_offset_prob`)."""
     n0 = t * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -188,11 +196,27 @@ def _fwd_tile(
         v = tl.load(vp, mask=offs_n[:, None] < Sk, other=0.0)
     else:
         v = tl.load(vp)
+    if KEYSET:
+        # Key weights [BN, KW] (column 0: the key set) times the same rounded p as P.V, on the
+        # tensor cores: no per-element work, the rescale is KW columns per row.
+        wp = KeyW_b + offs_n[:, None] * KW + tl.arange(0, KW)[None, :]
+        if MASKED:
+            w = tl.load(wp, mask=offs_n[:, None] < Sk, other=0.0)
+        else:
+            w = tl.load(wp)
     if KEY_SCALE:
-        acc = tl.dot(p_rest.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
-        acc_s = tl.dot(p_set.to(v.dtype), v, acc_s * alpha[:, None], input_precision=PREC)
+        pr = p_rest.to(v.dtype)
+        ps = p_set.to(v.dtype)
+        acc = tl.dot(pr, v, acc * alpha[:, None], input_precision=PREC)
+        acc_s = tl.dot(ps, v, acc_s * alpha[:, None], input_precision=PREC)
+        if KEYSET:
+            kw = tl.dot(pr, w, kw * alpha[:, None], input_precision=PREC)
+            kws = tl.dot(ps, w, kws * alpha[:, None], input_precision=PREC)
     else:
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        pv = p.to(v.dtype)
+        acc = tl.dot(pv, v, acc * alpha[:, None], input_precision=PREC)
+        if KEYSET:
+            kw = tl.dot(pv, w, kw * alpha[:, None], input_precision=PREC)
 
     if TOPK > 0 and not FAST_TOP1:
         if KEY_SCALE:
@@ -202,28 +226,6 @@ def _fwd_tile(
                                   BLOCK_N, TOPK, KPAD)
         else:
             tv, ti = _topk_insert(tv, ti, s, n0, BLOCK_N, TOPK, KPAD)
-
-    if SINK:
-        sink = sink * alpha
-        if KEY_SCALE:
-            sinks = sinks * alpha
-        # Only the one or two blocks holding the first sink_k valid keys do any work.
-        if (n0 < first + sink_k) & (n0 + BLOCK_N > first):
-            sm = (offs_n >= first) & (offs_n < first + sink_k)
-            sink += tl.sum(tl.where(sm[None, :], p, 0.0), 1)
-            if KEY_SCALE:
-                sinks += tl.sum(tl.where(sm[None, :], p_set, 0.0), 1)
-
-    if NOFF > 0:
-        ocol = tl.arange(0, NOFF_PAD)[None, :]
-        for o in tl.static_range(NOFF):
-            c = tl.load(Offs + o)
-            # Rows pos0 .. pos0 + BLOCK_M - 1 look at keys pos0 - c onward: one or two tiles hold them.
-            lo_t = pos0 - c
-            if (lo_t < n0 + BLOCK_N) & (lo_t + BLOCK_M > n0):
-                hit = offs_n[None, :] == (pos_m - c)[:, None]
-                val = tl.max(tl.where(hit, s, float("-inf")), 1)
-                offs = tl.where(ocol == o, tl.maximum(offs, val[:, None]), offs)
 
     if MATCH:
         if MASKED:
@@ -248,23 +250,103 @@ def _fwd_tile(
         nm = nm * alpha + tl.sum(tl.where(eqn, p, 0.0), 1)
         if KEY_SCALE:
             nms = nms * alpha + tl.sum(tl.where(eqn, p_set, 0.0), 1)
-    if KEYSET:
-        # float32 0/1 weights (host side): no per-tile unpacking of bytes.
-        if MASKED:
-            w = tl.load(Keyset_b + offs_n, mask=offs_n < Sk, other=0.0)
+    return (acc, acc_s, m_new, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, mm, mms, nm, nms, kw, kws)
+
+
+@triton.jit
+def _key_visible(j, pos_m, Sk, window, KeyValid_b, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 HAS_KV: tl.constexpr):
+    """[BM] bool: row pos_m may see key j (both [BM])."""
+    ok = (j >= 0) & (j < Sk)
+    if CAUSAL:
+        ok = ok & (j <= pos_m)
+    if HAS_WINDOW:
+        if CAUSAL:
+            ok = ok & (pos_m - j < window)
         else:
-            w = tl.load(Keyset_b + offs_n)
-        km = km * alpha + tl.sum(p * w[None, :], 1)
+            ok = ok & (pos_m - j < window) & (j - pos_m < window)
+    if HAS_KV:
+        ok = ok & (tl.load(KeyValid_b + j, mask=ok, other=0) != 0)
+    return ok
+
+
+@triton.jit
+def _offset_prob(q, K_bh, skn, skd, j, pos_m, lse2, Sk, window, KeyValid_b, KbKeys_b,
+                 qk_scale, cap2, bias2, uniform,
+                 HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                 HAS_KV: tl.constexpr, SOFTCAP: tl.constexpr, KEY_BIAS: tl.constexpr,
+                 HAS_UNIFORM: tl.constexpr):
+    """p_{i, j_i} [BM] for one key j_i per row, recomputed from q, k_j and the final base-2 lse (one
+    gathered key row per query row: the loop needs no offset code). 0 where the key is hidden."""
+    ok = _key_visible(j, pos_m, Sk, window, KeyValid_b, CAUSAL, HAS_WINDOW, HAS_KV)
+    offs_d = tl.arange(0, HEAD_DIM)
+    kmask = ok[:, None]
+    if D_TRUE != HEAD_DIM:
+        kmask = kmask & (offs_d[None, :] < D_TRUE)
+    kj = tl.load(K_bh + j[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
+    qk = tl.sum(q.to(tl.float32) * kj.to(tl.float32), 1)
+    if SOFTCAP:
+        s = _tanh(qk * qk_scale) * cap2
+    else:
+        s = qk * qk_scale
+    if KEY_BIAS:
+        s = s + tl.load(KbKeys_b + j, mask=ok, other=0).to(tl.float32) * bias2
+    if HAS_UNIFORM:
+        s = tl.where(uniform, 0.0, s)
+    return tl.where(ok, tl.exp2(s - lse2), 0.0)
+
+
+@triton.jit
+def _sink_mass(q, K_bh, skn, skd, pos_m, lse2, cset, crest, k_lo, k_hi, Sk, window, KeyValid_b, KbKeys_b,
+               KsKeys_b, qk_scale, cap2, bias2, uniform,
+               BLOCK_M: tl.constexpr, SINK_BN: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KV: tl.constexpr, SOFTCAP: tl.constexpr,
+               KEY_BIAS: tl.constexpr, HAS_UNIFORM: tl.constexpr, KEY_SCALE: tl.constexpr,
+               PREC: tl.constexpr):
+    """sum of p_ij over keys k_lo <= j < k_hi (the first sink_k valid keys, clipped to what the block
+    can see), recomputed from the final base-2 lse in SINK_BN-key tiles; ACT factors applied."""
+    offs_d = tl.arange(0, HEAD_DIM)
+    tot = tl.zeros([BLOCK_M], tl.float32)
+    for c0 in range(k_lo, k_hi, SINK_BN):
+        offs_n = c0 + tl.arange(0, SINK_BN)
+        lmask = offs_n[:, None] < Sk
+        if D_TRUE != HEAD_DIM:
+            lmask = lmask & (offs_d[None, :] < D_TRUE)
+        k = tl.load(K_bh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=lmask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        s = _scores(qk, offs_n, Sk, KbKeys_b, qk_scale, cap2, bias2, uniform,
+                    SOFTCAP, KEY_BIAS, HAS_UNIFORM, True)
+        s = _visible(s, offs_n, pos_m, Sk, window, KeyValid_b, True, CAUSAL, HAS_WINDOW, HAS_KV)
+        s = tl.where((offs_n < k_hi)[None, :], s, float("-inf"))
+        p = tl.exp2(s - lse2[:, None])
         if KEY_SCALE:
-            kms = kms * alpha + tl.sum(p_set * w[None, :], 1)
-    return (acc, acc_s, m_new, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis,
-            sink, sinks, offs, mm, mms, nm, nms, km, kms)
+            inset = tl.load(KsKeys_b + offs_n, mask=offs_n < Sk, other=0) != 0
+            p = p * tl.where(inset[None, :], cset[:, None], crest[:, None])
+        tot += tl.sum(p, 1)
+    return tot
 
 
 @triton.jit
 def _combine(tot, part, cset, crest):
     """ACT mass: beta on the set part, (1 - beta S)/(1 - S) on the rest."""
     return cset * part + crest * (tot - part)
+
+
+@triton.jit
+def _mass(tot, part, cset, crest, inv_l, KEY_SCALE: tl.constexpr):
+    """A running mass normalised by l; under ACT, part is its share on the key set."""
+    if KEY_SCALE:
+        tot = _combine(tot, part, cset, crest)
+    return tot * inv_l
+
+
+@triton.jit
+def _store_row(Ptr, v, valid, zero_head, row_ok, HAS_ZERO: tl.constexpr):
+    """Per-row statistic: 0 on rows that see nothing, NaN on zero-ablated heads."""
+    v = tl.where(valid, v, 0.0)
+    if HAS_ZERO:
+        v = tl.where(zero_head, float("nan"), v)
+    tl.store(Ptr, v, mask=row_ok)
 
 
 @triton.jit
@@ -278,14 +360,14 @@ def _attn_fwd(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     H, G, Sq, Sk, OFF,
     qk_scale, cap2, window, sink_k,
-    KeyValid, Tok, PrevTok, Keyset, KsKeys, KsBeta, KbKeys, KbBias, HeadMask, First, Offs,
+    KeyValid, Tok, PrevTok, KeyW, KsKeys, KsBeta, KbKeys, KbBias, HeadMask, First, Offs,
     LseO, EntO, AmaxO, MprobO, SinkO, OffO, MatchO, NextO, KsetO, Lse2Int, CoefInt,
     HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KV: tl.constexpr, SOFTCAP: tl.constexpr,
     KEY_BIAS: tl.constexpr, KEY_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_UNIFORM: tl.constexpr,
     LSE: tl.constexpr, ENT: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr,
-    SINK: tl.constexpr, NOFF: tl.constexpr, NOFF_PAD: tl.constexpr, MATCH: tl.constexpr,
-    NEXT: tl.constexpr, KEYSET: tl.constexpr, SAVE_LSE: tl.constexpr, PREC: tl.constexpr,
+    SINK: tl.constexpr, NOFF: tl.constexpr, MATCH: tl.constexpr,
+    NEXT: tl.constexpr, KEYSET: tl.constexpr, KW: tl.constexpr, SAVE_LSE: tl.constexpr, PREC: tl.constexpr,
     PRESCALED: tl.constexpr, FAST_TOP1: tl.constexpr, HEAVY: tl.constexpr, LEN_BUCKET,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * H). Out [B, H, Sq, D] contiguous; statistics [B, H, Sq(, n)] float32.
@@ -315,7 +397,7 @@ def _attn_fwd(
     KeyValid_b = KeyValid + kb_off
     Tok_b = Tok + kb_off
     PrevTok_b = PrevTok + kb_off
-    Keyset_b = Keyset + kb_off
+    KeyW_b = KeyW + kb_off * KW
     KsKeys_b = KsKeys + kb_off
     KbKeys_b = KbKeys + kb_off
 
@@ -374,46 +456,37 @@ def _attn_fwd(
     ti = tl.full([BLOCK_M, KPAD], -1, tl.int32)
     tvs = tv
     tis = ti
-    sink = tl.zeros([BLOCK_M], tl.float32)
-    sinks = tl.zeros([BLOCK_M], tl.float32)
-    offs = tl.full([BLOCK_M, NOFF_PAD], float("-inf"), tl.float32)
     mm = tl.zeros([BLOCK_M], tl.float32)
     mms = tl.zeros([BLOCK_M], tl.float32)
     nm = tl.zeros([BLOCK_M], tl.float32)
     nms = tl.zeros([BLOCK_M], tl.float32)
-    km = tl.zeros([BLOCK_M], tl.float32)
-    kms = tl.zeros([BLOCK_M], tl.float32)
+    kw = tl.zeros([BLOCK_M, KW], tl.float32)
+    kws = tl.zeros([BLOCK_M, KW], tl.float32)
 
     for t in range(t_lo, t_a):
-        (acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, sink, sinks, offs, mm, mms, nm, nms,
-         km, kms) = _fwd_tile(
+        (acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, mm, mms, nm, nms, kw, kws) = _fwd_tile(
             t, q, K_bh, V_bh, skn, skd, svn, svd,
-            acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, sink, sinks, offs, mm, mms, nm, nms,
-            km, kms, pos_m, pos0, tok_q, KeyValid_b, Tok_b, PrevTok_b, Keyset_b, KsKeys_b, KbKeys_b, Offs,
-            Sk, window, qk_scale, cap2, bias2, uniform, first, sink_k,
+            acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, mm, mms, nm, nms, kw, kws,
+            pos_m, tok_q, KeyValid_b, Tok_b, PrevTok_b, KeyW_b, KsKeys_b, KbKeys_b,
+            Sk, window, qk_scale, cap2, bias2, uniform,
             BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, True, CAUSAL, HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS,
-            HAS_UNIFORM, KEY_SCALE, ENT, TOPK, KPAD, FAST_TOP1, SINK, NOFF, NOFF_PAD, MATCH, NEXT, KEYSET,
-            PRESCALED, PREC)
+            HAS_UNIFORM, KEY_SCALE, ENT, TOPK, KPAD, FAST_TOP1, MATCH, NEXT, KEYSET, KW, PRESCALED, PREC)
     for t in range(t_a, t_b):
-        (acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, sink, sinks, offs, mm, mms, nm, nms,
-         km, kms) = _fwd_tile(
+        (acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, mm, mms, nm, nms, kw, kws) = _fwd_tile(
             t, q, K_bh, V_bh, skn, skd, svn, svd,
-            acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, sink, sinks, offs, mm, mms, nm, nms,
-            km, kms, pos_m, pos0, tok_q, KeyValid_b, Tok_b, PrevTok_b, Keyset_b, KsKeys_b, KbKeys_b, Offs,
-            Sk, window, qk_scale, cap2, bias2, uniform, first, sink_k,
+            acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, mm, mms, nm, nms, kw, kws,
+            pos_m, tok_q, KeyValid_b, Tok_b, PrevTok_b, KeyW_b, KsKeys_b, KbKeys_b,
+            Sk, window, qk_scale, cap2, bias2, uniform,
             BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, False, CAUSAL, HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS,
-            HAS_UNIFORM, KEY_SCALE, ENT, TOPK, KPAD, FAST_TOP1, SINK, NOFF, NOFF_PAD, MATCH, NEXT, KEYSET,
-            PRESCALED, PREC)
+            HAS_UNIFORM, KEY_SCALE, ENT, TOPK, KPAD, FAST_TOP1, MATCH, NEXT, KEYSET, KW, PRESCALED, PREC)
     for t in range(t_b, t_hi):
-        (acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, sink, sinks, offs, mm, mms, nm, nms,
-         km, kms) = _fwd_tile(
+        (acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, mm, mms, nm, nms, kw, kws) = _fwd_tile(
             t, q, K_bh, V_bh, skn, skd, svn, svd,
-            acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, sink, sinks, offs, mm, mms, nm, nms,
-            km, kms, pos_m, pos0, tok_q, KeyValid_b, Tok_b, PrevTok_b, Keyset_b, KsKeys_b, KbKeys_b, Offs,
-            Sk, window, qk_scale, cap2, bias2, uniform, first, sink_k,
+            acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, mm, mms, nm, nms, kw, kws,
+            pos_m, tok_q, KeyValid_b, Tok_b, PrevTok_b, KeyW_b, KsKeys_b, KbKeys_b,
+            Sk, window, qk_scale, cap2, bias2, uniform,
             BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, True, CAUSAL, HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS,
-            HAS_UNIFORM, KEY_SCALE, ENT, TOPK, KPAD, FAST_TOP1, SINK, NOFF, NOFF_PAD, MATCH, NEXT, KEYSET,
-            PRESCALED, PREC)
+            HAS_UNIFORM, KEY_SCALE, ENT, TOPK, KPAD, FAST_TOP1, MATCH, NEXT, KEYSET, KW, PRESCALED, PREC)
 
     # ---- epilogue: normalise, apply ACT, write output and statistics ----
     if HAS_KV:
@@ -433,7 +506,10 @@ def _attn_fwd(
         crest = tl.where(guard, 1.0, (1.0 - beta * S) / tl.where(guard, 1.0, rest))
         out = (acc_s * cset[:, None] + acc * crest[:, None]) * inv_l[:, None]
     else:
+        cset = inv_l  # unused without ACT
+        crest = inv_l
         out = acc * inv_l[:, None]
+    lse2_p = tl.where(valid, lse2, float("inf"))  # p = exp2(s2 - lse2_p): 0 on rows that see nothing
     omask = row_ok[:, None]
     if D_TRUE != HEAD_DIM:
         omask = omask & (offs_d[None, :] < D_TRUE)
@@ -505,59 +581,41 @@ def _attn_fwd(
             tl.store(AmaxO + srow * TOPK + r, ix.to(tl.int64), mask=row_ok)
             tl.store(MprobO + srow * TOPK + r, pr, mask=row_ok)
     if SINK:
-        if KEY_SCALE:
-            v = _combine(sink, sinks, cset, crest)
-        else:
-            v = sink
-        v = tl.where(valid, v * inv_l, 0.0)
+        # The first sink_k valid keys, clipped to the keys this block can see at all.
+        sk_lo = tl.maximum(first, lo)
+        sk_hi = tl.minimum(first + sink_k, hi)
         if HAS_ZERO:
-            v = tl.where(zero_head, NAN, v)
-        tl.store(SinkO + srow, v, mask=row_ok)
+            sk_hi = tl.where(zero_head, sk_lo, sk_hi)
+        v = _sink_mass(q, K_bh, skn, skd, pos_m, lse2_p, cset, crest, sk_lo, sk_hi, Sk, window, KeyValid_b,
+                       KbKeys_b, KsKeys_b, qk_scale, cap2, bias2, uniform,
+                       BLOCK_M, SINK_BN, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS,
+                       HAS_UNIFORM, KEY_SCALE, PREC)
+        _store_row(SinkO + srow, v, valid, zero_head, row_ok, HAS_ZERO)
     if NOFF > 0:
-        ocol = tl.arange(0, NOFF_PAD)[None, :]
-        if PRESCALED:
-            so = offs
-        else:
-            so = offs * qk_scale
-        po = tl.exp2(so - lse2[:, None])
-        if KEY_SCALE:
-            for o in tl.static_range(NOFF):
-                c = tl.load(Offs + o)
-                tgt = pos_m - c
+        for o in tl.static_range(NOFF):
+            tgt = pos_m - tl.load(Offs + o)
+            po = _offset_prob(q, K_bh, skn, skd, tgt, pos_m, lse2_p, Sk, window, KeyValid_b, KbKeys_b,
+                              qk_scale, cap2, bias2, uniform, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW, HAS_KV,
+                              SOFTCAP, KEY_BIAS, HAS_UNIFORM)
+            if KEY_SCALE:
                 ins = tl.load(KsKeys_b + tgt, mask=row_ok & (tgt >= 0) & (tgt < Sk), other=0) != 0
-                coef = tl.where(ins, cset, crest)
-                po = tl.where(ocol == o, po * coef[:, None], po)
-        po = tl.where(valid[:, None], po, 0.0)
-        if HAS_ZERO:
-            po = tl.where(zero_head, NAN, po)
-        tl.store(OffO + srow[:, None] * NOFF + ocol, po, mask=row_ok[:, None] & (ocol < NOFF))
+                po = po * tl.where(ins, cset, crest)
+            _store_row(OffO + srow * NOFF + o, po, valid, zero_head, row_ok, HAS_ZERO)
     if MATCH:
-        if KEY_SCALE:
-            v = _combine(mm, mms, cset, crest)
-        else:
-            v = mm
-        v = tl.where(valid, v * inv_l, 0.0)
-        if HAS_ZERO:
-            v = tl.where(zero_head, NAN, v)
-        tl.store(MatchO + srow, v, mask=row_ok)
+        _store_row(MatchO + srow, _mass(mm, mms, cset, crest, inv_l, KEY_SCALE), valid, zero_head, row_ok,
+                   HAS_ZERO)
     if NEXT:
-        if KEY_SCALE:
-            v = _combine(nm, nms, cset, crest)
-        else:
-            v = nm
-        v = tl.where(valid, v * inv_l, 0.0)
-        if HAS_ZERO:
-            v = tl.where(zero_head, NAN, v)
-        tl.store(NextO + srow, v, mask=row_ok)
+        _store_row(NextO + srow, _mass(nm, nms, cset, crest, inv_l, KEY_SCALE), valid, zero_head, row_ok,
+                   HAS_ZERO)
     if KEYSET:
+        # Column 0 of the key-weight accumulators.
+        wcol = tl.arange(0, KW)[None, :] == 0
+        km = tl.sum(tl.where(wcol, kw, 0.0), 1)
+        kms = tl.sum(tl.where(wcol, kws, 0.0), 1)
         if KEY_SCALE:
-            v = _combine(km, kms, cset, crest)
-        else:
-            v = km
-        v = tl.where(valid, v * inv_l, 0.0)
-        if HAS_ZERO:
-            v = tl.where(zero_head, NAN, v)
-        tl.store(KsetO + srow, v, mask=row_ok)
+            km = km + kms
+        _store_row(KsetO + srow, _mass(km, kms, cset, crest, inv_l, KEY_SCALE), valid, zero_head, row_ok,
+                   HAS_ZERO)
 
 
 @triton.jit
