@@ -16,6 +16,11 @@ the token ids for the few entries the exclusions remove:
   exclude_current_token removes p_{i,i}; D has diagonal entries only for induction, where
     t_{i-1} == t_i.
 Row 0 (the first real token) has p_{0,0} = 1 and no D entries.
+
+The kept row mass after exclusions is read from `content_mass` (keys that are neither column 0 nor
+the query, summed directly) plus whichever of p_{i,0}, p_{i,i} is kept, never as 1 - p_{i,0} -
+p_{i,i}: for heads that park nearly all their mass on BOS or themselves that difference is a few
+float32 ulps of noise, and TL (which sums the kept entries of A) would disagree far beyond 1e-4.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from headscope.kernels.stats import StatsRequest
 from headscope.probe.errors import InputError, RecordingError
 
 # The statistics every TL-compatible score needs; merge into a detector's own request.
-TL_STATS = dict(sink_k=1, offsets=(0, 1), match=True, next_match=True)
+TL_STATS = dict(sink_k=1, offsets=(0, 1), match=True, next_match=True, content=True)
 TL_KINDS = {"previous_token": "previous_token", "previous_token_head": "previous_token",
             "duplicate_token": "duplicate_token", "duplicate_token_head": "duplicate_token",
             "induction": "induction", "induction_head": "induction"}
@@ -34,7 +39,8 @@ TL_KINDS = {"previous_token": "previous_token", "previous_token_head": "previous
 
 def tl_request(offsets=(), **extra) -> StatsRequest:
     """A StatsRequest with what `tl_compatible_scores` needs plus the given offsets / statistics."""
-    return StatsRequest(sink_k=1, offsets=tuple(sorted({0, 1, *offsets})), match=True, next_match=True, **extra)
+    return StatsRequest(sink_k=1, offsets=tuple(sorted({0, 1, *offsets})), match=True, next_match=True,
+                        content=True, **extra)
 
 
 def _offset(rec, c: int) -> torch.Tensor:
@@ -78,7 +84,11 @@ def tl_compatible_scores(rec, kind: str, error_measure: str = "mul", exclude_bos
     diag = _offset(rec, 0)
     bos, cur = float(exclude_bos), float(exclude_current_token)
 
-    row_sum = later * (1 - bos * p0 - cur * diag) + first * float(not (exclude_bos or exclude_current_token))
+    if exclude_bos or exclude_current_token:
+        kept = rec.stat("content_mass").double() + (1 - bos) * p0 + (1 - cur) * diag
+    else:
+        kept = torch.ones_like(p0)
+    row_sum = later * kept + first * float(not (exclude_bos or exclude_current_token))
     den = row_sum.sum(-1)
 
     if kind == "previous_token":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from .edits import KeyBias, KeyScale, validate_edits
@@ -117,8 +119,17 @@ def attention(
 
     out, result = attention_triton(
         q, k, v, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap,
-        key_valid=attention_mask, token_ids=token_ids, keyset=keyset, request=request,
+        key_valid=attention_mask, token_ids=token_ids, keyset=keyset, request=replace(request, content=False),
         head_mask=head_mask, head_mask_mode=head_mask_mode, key_scale=key_scale, key_bias=key_bias)
+    if request.content:
+        # Not in the fused kernel yet: the exact torch path computes it (same numbers, a second
+        # attention pass in O(S x chunk) memory), as for patterns below.
+        _, extra = attention_reference(
+            q, k, v, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap, key_valid=attention_mask,
+            request=StatsRequest(sink_k=request.sink_k, content=True), head_mask=head_mask,
+            head_mask_mode=head_mask_mode, key_scale=key_scale, key_bias=key_bias)
+        result["content_mass"] = extra["content_mass"]
+        result = {name: result[name] for name in request.names()}
     if pattern_heads:
         # Patterns are O(S^2) by nature: computed by the exact torch path for the asked heads only.
         kv_of = [h // (q.shape[1] // k.shape[1]) for h in pattern_heads]

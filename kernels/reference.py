@@ -49,11 +49,12 @@ def first_valid_key(key_valid: torch.Tensor) -> torch.Tensor:
     return key_valid.int().argmax(dim=1)
 
 
-def _apply_key_scale(p: torch.Tensor, keys: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
-    """ACT arithmetic on probabilities p [B, H, C, K] with key set keys [B, K] (or per head
-    [B, H, K]) and beta [H]."""
+def _apply_key_scale(p: torch.Tensor, r: torch.Tensor, keys: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """ACT arithmetic on probabilities p * r (p [B, H, C, K] unnormalised, r [B, H, C, 1]) with
+    key set keys [B, K] (or per head [B, H, K]) and beta [H]; returns the new unnormalised p (the
+    same r still applies). beta = 1 gives factors of exactly 1, so p is returned bitwise unchanged."""
     ks = (keys[:, None, None, :] if keys.dim() == 2 else keys[:, :, None, :]).to(p.dtype)
-    S = (p * ks).sum(-1, keepdim=True)
+    S = (p * ks).sum(-1, keepdim=True) * r
     b = beta.to(p.dtype)[None, :, None, None]
     rest = 1.0 - S
     guard = rest <= SCALE_GUARD
@@ -62,24 +63,57 @@ def _apply_key_scale(p: torch.Tensor, keys: torch.Tensor, beta: torch.Tensor) ->
     return torch.where(ks.bool(), p * scale_set, p * factor)
 
 
-def _masked_softmax_(s: torch.Tensor, vis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax of scores s [B, H, C, K] over visible keys, computed in place in s (one exp pass:
-    the CPU path's time goes into full passes over the score block). Returns (p, lse [B, H, C]);
-    rows with no visible key get p = 0 and lse = -inf."""
-    if s.requires_grad:
-        # autograd (head importance, pruning) needs exp's output unmodified: the out-of-place path
-        s = s.masked_fill(~vis, -math.inf)
-        lse = torch.logsumexp(s, dim=-1)
-        return torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None]).masked_fill(~vis, 0.0), lse
-    # an additive 0 / -inf mask: same result as masked_fill, but masked_fill with a mask broadcast
-    # over heads costs about 10x an add on CPU
-    s.add_(torch.zeros(vis.shape, dtype=s.dtype, device=s.device).masked_fill_(~vis, -math.inf))
-    m = s.amax(dim=-1, keepdim=True)
-    m.masked_fill_(torch.isinf(m), 0.0)
-    p = s.sub_(m).exp_()
-    denom = p.sum(dim=-1, keepdim=True)
-    lse = (m + denom.log()).squeeze(-1)
-    return p.div_(denom.clamp_min(torch.finfo(p.dtype).tiny)), lse
+# Finite stand-in for -inf on invisible keys: exp() still gives exactly 0, and 0 * (NEG - m) = 0
+# where -inf would give NaN, so the entropy sum needs no extra masking pass.
+_NEG = -1e30
+_EMPTY = -1e29  # a row maximum below this means the row sees no key
+
+
+def _mask_bands(c0: int, c1: int, lo: int, hi: int, off: int, causal: bool, window: int | None,
+                all_valid: bool) -> list[tuple[int, int]]:
+    """Key column ranges [x0, x1) inside [lo, hi) where some row c0..c1-1 of the chunk cannot see
+    some key. Without padding only the causal diagonal block and the window edge need a mask:
+    building and adding it over all K columns was a full extra pass over the score block."""
+    if not all_valid:
+        return [(lo, hi)]
+    a, b = lo, hi  # [a, b): columns every row of the chunk sees
+    if causal:
+        b = min(b, off + c0 + 1)
+    if window is not None:
+        a = max(a, off + c1 - window)
+        if not causal:
+            b = min(b, off + c0 + window)
+    if a >= b:
+        return [(lo, hi)]
+    return [(x0, x1) for x0, x1 in ((lo, a), (b, hi)) if x1 > x0]
+
+
+def _chunk_probs(s: torch.Tensor, need_t: bool, top1: bool):
+    """Unnormalised softmax of a masked score block s [B, H, C, K] (invisible keys hold _NEG).
+
+    Returns (e, t, m, denom, idx): e = exp(s - m) (in place in s unless the shifted scores t are
+    needed for the entropy), row maximum m and denom = sum(e) as [B, H, C, 1], and the argmax
+    idx [B, H, C, 1] when `top1`. p = e / denom; callers fold 1/denom into each reduction rather
+    than paying a full pass to normalise.
+    """
+    if top1:
+        m, idx = s.max(dim=-1, keepdim=True)
+    else:
+        m, idx = s.amax(dim=-1, keepdim=True), None
+    if need_t:
+        t = s.sub_(m)
+        e = torch.exp(t)
+    else:
+        t, e = None, s.sub_(m).exp_()
+    return e, t, m, e.sum(dim=-1, keepdim=True), idx
+
+
+def _masked_softmax(s: torch.Tensor, vis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Out-of-place softmax over visible keys for autograd (head importance, pruning need exp's
+    output unmodified). Returns (p, lse [B, H, C]); rows with no visible key: p = 0, lse = -inf."""
+    s = s.masked_fill(~vis, -math.inf)
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.exp(s - lse.masked_fill(torch.isinf(lse), 0.0)[..., None]).masked_fill(~vis, 0.0), lse
 
 
 def attention_reference(
@@ -117,13 +151,14 @@ def attention_reference(
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(D)
     if key_valid is None:
         key_valid = torch.ones(B, Sk, dtype=torch.bool, device=dev)
+    all_valid = bool(key_valid.all())
     off = Sk - Sq
     if chunk is None:
         chunk = max(16, min(Sq, _BLOCK_ELEMENTS // max(1, B * H * Sk)))
 
     # float32 at least (statistics need it); float64 inputs stay float64 so exactness tests can be exact
     work = torch.float64 if q.dtype == torch.float64 else torch.float32
-    qf = q.to(work).reshape(B, Hkv, G, Sq, D)
+    qf = (q.to(work) * scale).reshape(B, Hkv, G, Sq, D)
     kf, vf = k.to(work), v.to(work)
     out = torch.zeros(B, H, Sq, vf.shape[-1], dtype=work, device=dev)
     stats = allocate_stats(request, B, H, Sq, Sk, dev)
@@ -131,6 +166,11 @@ def attention_reference(
         stats["pattern"] = torch.zeros(B, len(pattern_heads), Sq, Sk, dtype=torch.float32, device=dev)
     uniform = head_mask if (head_mask is not None and head_mask_mode == "uniform") else None
     first = first_valid_key(key_valid) if request.sink_k else None
+    grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    # p is exactly softmax(s) unless ACT rescales it afterwards: then entropy and top-k come from p
+    exact_softmax = key_scale is None and not grad
+    fast_entropy = request.entropy and exact_softmax
+    top1 = request.topk == 1 and exact_softmax
 
     for c0 in range(0, Sq, chunk):
         c1 = min(Sq, c0 + chunk)
@@ -138,25 +178,50 @@ def attention_reference(
         if hi <= lo:
             continue
         rows = torch.arange(c0, c1, device=dev) + off
-        vis = visible_keys(Sq, Sk, key_valid, rows, lo, hi, causal, window)[:, None]  # [B,1,C,K]
         s = torch.einsum("bhgqd,bhkd->bhgqk", qf[..., c0:c1, :], kf[:, :, lo:hi]).reshape(B, H, c1 - c0, hi - lo)
-        s.mul_(scale)
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap
         if key_bias is not None:
             s = s + key_bias.bias.to(work)[None, :, None, None] * key_bias.keys[:, None, None, lo:hi].to(work)
         if uniform is not None:
             s = torch.where(uniform[None, :, None, None], torch.zeros_like(s), s)
-        p, lse = _masked_softmax_(s, vis)
-        if key_scale is not None:
-            p = _apply_key_scale(p, key_scale.keys[..., lo:hi], key_scale.beta)
-        out[:, :, c0:c1] = torch.einsum("bhgqk,bhkd->bhgqd", p.reshape(B, Hkv, G, c1 - c0, hi - lo),
-                                        vf[:, :, lo:hi]).reshape(B, H, c1 - c0, -1)
+        needs_vis = grad or request.match or request.next_match
+        vis = visible_keys(Sq, Sk, key_valid, rows, lo, hi, causal, window)[:, None] if needs_vis else None
+
+        r = None  # p = e * r when r is set (1/denom folded into each reduction), else p = e
+        if grad:
+            e, lse = _masked_softmax(s, vis)
+        else:
+            for x0, x1 in _mask_bands(c0, c1, lo, hi, off, causal, window, all_valid):
+                band = visible_keys(Sq, Sk, key_valid, rows, x0, x1, causal, window)
+                s[..., x0 - lo:x1 - lo].add_(torch.zeros(band.shape, dtype=work, device=dev)
+                                             .masked_fill_(~band, _NEG)[:, None])
+            e, t, m, denom, idx = _chunk_probs(s, fast_entropy, top1)
+            empty = m < _EMPTY
+            r = torch.where(empty, 0.0, 1.0 / denom)  # [B, H, C, 1]
+            lse = torch.where(empty, -math.inf, m + denom.log()).squeeze(-1)
+            if fast_entropy:
+                # -sum p log p = log denom - sum(e t) / denom, with t = s - m <= 0: no cancellation
+                ent = denom.log().squeeze(-1) - torch.linalg.vecdot(e, t) * r.squeeze(-1)
+                stats["entropy"][:, :, c0:c1] = ent.masked_fill_(empty.squeeze(-1), 0.0)
+            if top1:
+                stats["max_prob"][:, :, c0:c1] = r
+                stats["argmax"][:, :, c0:c1] = torch.where(r > 0, idx + lo, -1)
+            if key_scale is not None:
+                e = _apply_key_scale(e, r, key_scale.keys[..., lo:hi], key_scale.beta)
+        pv = torch.einsum("bhgqk,bhkd->bhgqd", e.reshape(B, Hkv, G, c1 - c0, hi - lo), vf[:, :, lo:hi])
+        pv = pv.reshape(B, H, c1 - c0, -1)
+        out[:, :, c0:c1] = pv if r is None else pv * r
         if pattern_heads:
-            stats["pattern"][:, :, c0:c1, lo:hi] = p[:, pattern_heads]
+            ph = e[:, pattern_heads]
+            stats["pattern"][:, :, c0:c1, lo:hi] = ph if r is None else ph * r[:, pattern_heads]
         if request.lse:
             stats["lse"][:, :, c0:c1] = lse
-        accumulate_stats(stats, request, p, vis, rows, c0, c1, lo, hi, key_valid, token_ids, keyset, first)
+        if not exact_softmax:
+            entropy_topk(stats, request, e, c0, c1, lo, r)
+        elif request.topk > 1:
+            topk_stats(stats, request.topk, e, c0, c1, lo, r)
+        accumulate_stats(stats, request, e, vis, rows, c0, c1, lo, hi, key_valid, token_ids, keyset, first, r=r)
 
     if head_mask is not None and head_mask_mode == "zero":
         out[:, head_mask] = 0.0
@@ -209,56 +274,98 @@ def stats_from_probs(p: torch.Tensor, request: StatsRequest, *, causal: bool = T
     if request.lse:
         stats["lse"][:] = torch.logsumexp(scores.float().masked_fill(~vis, -math.inf), dim=-1)
     first = first_valid_key(key_valid) if request.sink_k else None
+    entropy_topk(stats, request, p, 0, Sq, 0)
     accumulate_stats(stats, request, p, vis, rows, 0, Sq, 0, Sk, key_valid, token_ids, keyset, first)
     return stats
 
 
-def accumulate_stats(stats: dict, request: StatsRequest, p: torch.Tensor, vis: torch.Tensor, rows: torch.Tensor,
-                     c0: int, c1: int, lo: int, hi: int, key_valid: torch.Tensor, token_ids: torch.Tensor | None,
-                     keyset: torch.Tensor | None, first: torch.Tensor | None) -> None:
-    """Write the statistics of probability rows p [B, H, C, K] (queries c0..c1-1 at absolute
-    positions `rows`, keys lo..hi-1, visibility vis [B, 1, C, K]) into the preallocated `stats`.
+def entropy_topk(stats: dict, request: StatsRequest, p: torch.Tensor, c0: int, c1: int, lo: int,
+                 r: torch.Tensor | None = None) -> None:
+    """Entropy and top-k of probability rows p [B, H, C, K] (times r [B, H, C, 1] when given;
+    queries c0..c1-1, keys from lo): the definitions. The chunked forward has cheaper exact forms
+    when p is a plain softmax."""
+    if request.entropy:
+        pn = p if r is None else p * r
+        stats["entropy"][:, :, c0:c1] = -torch.special.xlogy(pn, pn).sum(-1)
+    if request.topk:
+        topk_stats(stats, request.topk, p, c0, c1, lo, r)
 
-    Everything but lse is a function of p alone, so backends that only see materialised patterns
-    (TransformerLens, nnsight) get their statistics from this same code.
+
+def topk_stats(stats: dict, k: int, p: torch.Tensor, c0: int, c1: int, lo: int, r: torch.Tensor | None = None) -> None:
+    """argmax / max_prob of rows p [B, H, C, K] (times r [B, H, C, 1] when given); -1 where a row
+    has fewer than k keys with mass."""
+    kk = min(k, p.shape[-1])
+    val, idx = p.topk(kk, dim=-1)
+    if r is not None:
+        val = val * r
+    stats["argmax"][:, :, c0:c1, :kk] = torch.where(val > 0, idx + lo, -1)
+    stats["max_prob"][:, :, c0:c1, :kk] = val
+
+
+def _token_match_mass(p: torch.Tensor, eq: torch.Tensor) -> torch.Tensor:
+    """sum_k p[b, h, c, k] * eq[b, c, k] -> [B, H, C]. Equal-token pairs are usually rare, so gather
+    just those entries instead of a full multiply-and-sum pass over the block."""
+    B, H, C, K = p.shape
+    b, c, k = eq.nonzero(as_tuple=True)
+    if b.numel() * 8 > eq.numel():
+        return (p * eq[:, None]).sum(-1)
+    mass = torch.zeros(B, C, H, dtype=p.dtype, device=p.device)
+    mass.index_put_((b, c), p[b, :, c, k], accumulate=True)
+    return mass.permute(0, 2, 1)
+
+
+def accumulate_stats(stats: dict, request: StatsRequest, p: torch.Tensor, vis: torch.Tensor | None,
+                     rows: torch.Tensor, c0: int, c1: int, lo: int, hi: int, key_valid: torch.Tensor,
+                     token_ids: torch.Tensor | None, keyset: torch.Tensor | None, first: torch.Tensor | None,
+                     r: torch.Tensor | None = None) -> None:
+    """Write the mass statistics (everything linear in p: sink, offsets, token matches, key set,
+    colsum) of probability rows into the preallocated `stats`. Rows are p [B, H, C, K], or p * r
+    with r [B, H, C, 1] when the caller has not normalised them; queries c0..c1-1 at absolute
+    positions `rows`, keys lo..hi-1, visibility vis [B, 1, C, K] (needed for token matches).
+
+    Every statistic but lse is a function of p alone, so backends that only see materialised
+    patterns (TransformerLens, nnsight) get their statistics from this same code.
     """
     B, H = p.shape[:2]
     dev = p.device
-    if request.entropy:
-        stats["entropy"][:, :, c0:c1] = -torch.special.xlogy(p, p).sum(-1)
-    if request.topk:
-        kk = min(request.topk, hi - lo)
-        val, idx = p.topk(kk, dim=-1)
-        idx = torch.where(val > 0, idx + lo, torch.full_like(idx, -1))
-        stats["argmax"][:, :, c0:c1, :kk] = idx
-        stats["max_prob"][:, :, c0:c1, :kk] = val
+    scaled = (lambda x: x) if r is None else (lambda x: x * r.squeeze(-1))
     if request.sink_k:
-        jrel = torch.arange(lo, hi, device=dev)[None, :] - first[:, None]
-        sink = (jrel >= 0) & (jrel < request.sink_k)
-        stats["sink_mass"][:, :, c0:c1] = (p * sink[:, None, None, :]).sum(-1)
+        jrel = first[:, None] + torch.arange(request.sink_k, device=dev)[None, :] - lo  # [B, sink_k]
+        inside = (jrel >= 0) & (jrel < hi - lo)
+        g = p.gather(-1, jrel.clamp(0, hi - lo - 1)[:, None, None, :].expand(B, H, p.shape[2], -1))
+        stats["sink_mass"][:, :, c0:c1] = scaled((g * inside[:, None, None, :]).sum(-1))
     if request.offsets:
         offsets = torch.tensor(request.offsets, device=dev, dtype=torch.long)
         jj = rows[:, None] - offsets[None, :] - lo  # [C, n] index into the chunk's key axis
         inside = (jj >= 0) & (jj < hi - lo)
-        g = p.gather(-1, jj.clamp(0, hi - lo - 1)[None, None].expand(B, H, -1, -1))
-        stats["offset_mass"][:, :, c0:c1] = g * inside[None, None]
+        g = p.gather(-1, jj.clamp(0, hi - lo - 1)[None, None].expand(B, H, -1, -1)) * inside[None, None]
+        stats["offset_mass"][:, :, c0:c1] = g if r is None else g * r
     if request.match or request.next_match:
         tq = token_ids[:, rows]  # [B, C]
         j = torch.arange(lo, hi, device=dev)
         if request.match:
             eq = (tq[:, :, None] == token_ids[:, None, lo:hi]) & (j[None, None, :] < rows[None, :, None])
-            eq = eq[:, None] & vis
-            stats["match_mass"][:, :, c0:c1] = (p * eq).sum(-1)
-            stats["match_count"][:, :, c0:c1] = eq.sum(-1).float().expand(B, H, -1)
+            eq &= vis[:, 0]
+            stats["match_mass"][:, :, c0:c1] = scaled(_token_match_mass(p, eq))
+            stats["match_count"][:, :, c0:c1] = eq.sum(-1).float()[:, None]
         if request.next_match:
             prev_tok = torch.cat([token_ids[:, :1], token_ids[:, :-1]], dim=1)[:, lo:hi]
             prev_ok = torch.cat([torch.zeros_like(key_valid[:, :1]), key_valid[:, :-1]], dim=1)[:, lo:hi]
             eq = (tq[:, :, None] == prev_tok[:, None, :]) & prev_ok[:, None, :]
-            eq = eq & (j[None, None, :] <= rows[None, :, None])
-            eq = eq[:, None] & vis
-            stats["next_match_mass"][:, :, c0:c1] = (p * eq).sum(-1)
-            stats["next_match_count"][:, :, c0:c1] = eq.sum(-1).float().expand(B, H, -1)
+            eq &= (j[None, None, :] <= rows[None, :, None]) & vis[:, 0]
+            stats["next_match_mass"][:, :, c0:c1] = scaled(_token_match_mass(p, eq))
+            stats["next_match_count"][:, :, c0:c1] = eq.sum(-1).float()[:, None]
     if request.keyset:
-        stats["keyset_mass"][:, :, c0:c1] = (p * keyset[:, None, None, lo:hi]).sum(-1)
+        stats["keyset_mass"][:, :, c0:c1] = scaled(torch.einsum("bhck,bk->bhc", p, keyset[:, lo:hi].to(p.dtype)))
+    if request.content:
+        # summed directly, not as 1 - sink - self: for heads that park nearly all their mass on BOS
+        # or themselves the remainder is tiny and the subtraction would lose it to rounding
+        j = torch.arange(lo, hi, device=dev)
+        keep = (j[None, :] != rows[:, None])[None]  # [1, C, K]
+        if request.sink_k:
+            jrel = j[None, :] - first[:, None]
+            keep = keep & ~((jrel >= 0) & (jrel < request.sink_k))[:, None, :]
+        stats["content_mass"][:, :, c0:c1] = scaled((p * keep[:, None]).sum(-1))
     if request.colsum:
-        stats["colsum"][:, :, lo:hi] += p.sum(-2)
+        w = p.sum(-2) if r is None else torch.einsum("bhck,bhc->bhk", p, r.squeeze(-1))
+        stats["colsum"][:, :, lo:hi] += w

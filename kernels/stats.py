@@ -15,6 +15,7 @@ q of shape [B, H, Sq, D] and k of shape [B, Hkv, Sk, D]:
 | match_mass, match_count | [B, H, Sq] | mass / number of keys j < i with tok_j == tok_i |
 | next_match_mass, next_match_count | [B, H, Sq] | mass / number of keys j <= i with tok_{j-1} == tok_i |
 | keyset_mass | [B, H, Sq] | mass on a per-sequence key set |
+| content_mass | [B, H, Sq] | mass on keys that are neither sink keys (first `sink_k`) nor the query itself |
 | colsum | [B, H, Sk] | sum_i p_ij: attention each key receives |
 
 Query i sits at absolute key position Sk - Sq + i (queries are the last Sq positions, as in
@@ -29,7 +30,7 @@ from dataclasses import asdict, dataclass, field
 from .errors import KernelInputError
 
 ONE_PASS = ("lse", "entropy", "argmax", "max_prob", "sink_mass", "offset_mass", "match_mass",
-            "match_count", "next_match_mass", "next_match_count", "keyset_mass")
+            "match_count", "next_match_mass", "next_match_count", "keyset_mass", "content_mass")
 TWO_PASS = ("colsum",)
 COUNT_STATS = ("match_count", "next_match_count")
 # Statistics indexed by key position rather than query position.
@@ -54,6 +55,7 @@ class StatsRequest:
     next_match: bool = False
     keyset: bool = False
     colsum: bool = False
+    content: bool = False
 
     def __post_init__(self):
         if self.topk < 0 or self.topk > 64:
@@ -64,10 +66,12 @@ class StatsRequest:
 
     @classmethod
     def all(cls, *, topk: int = 1, sink_k: int = 1, offsets=(1,), keyset: bool = False,
-            colsum: bool = True) -> "StatsRequest":
-        """Every statistic: token-comparison statistics included (they need token ids)."""
+            colsum: bool = True, content: bool = False) -> "StatsRequest":
+        """Every statistic of DESIGN.md's table, token comparisons included (they need token ids);
+        keyset_mass needs a key set and content_mass (exact small remainders for TransformerLens'
+        exclusions) is one more pass, so both are opt-in."""
         return cls(lse=True, entropy=True, topk=topk, sink_k=sink_k, offsets=tuple(offsets),
-                   match=True, next_match=True, keyset=keyset, colsum=colsum)
+                   match=True, next_match=True, keyset=keyset, colsum=colsum, content=content)
 
     @property
     def needs_tokens(self) -> bool:
@@ -96,6 +100,8 @@ class StatsRequest:
             out += ["next_match_mass", "next_match_count"]
         if self.keyset:
             out.append("keyset_mass")
+        if self.content:
+            out.append("content_mass")
         if self.colsum:
             out.append("colsum")
         return out

@@ -87,6 +87,9 @@ def eager_stats(P, s_m, mask, key_valid, tokens, keyset, offsets, sink_k, topk):
     out["next_match_mass"] = (P * nxt[:, None]).sum(-1)
     out["next_match_count"] = nxt.sum(-1)[:, None].expand(B, H, Sq)
     out["keyset_mass"] = (P * keyset[:, None, None, :]).sum(-1)
+    content = torch.ones(B, Sq, Sk, dtype=torch.float64) - sink[:, None, :]
+    content[:, torch.arange(Sq), torch.arange(Sq) + Sk - Sq] = 0
+    out["content_mass"] = (P * content[:, None]).sum(-1)
     out["colsum"] = P.sum(-2)
     return out
 
@@ -112,22 +115,25 @@ CASES = [
 ]
 
 
+# (topk, vocab): top-3 with 4 token ids exercises topk and the dense token-match path; top-1 with
+# 50 ids the forward's argmax-from-row-max form and its sparse gather of equal-token pairs
+@pytest.mark.parametrize("topk,vocab", [(3, 4), (1, 50)])
 @pytest.mark.parametrize("causal,window,padding,H,Hkv,Sq,Sk,D", CASES)
-def test_every_statistic_matches_materialised_softmax(causal, window, padding, H, Hkv, Sq, Sk, D):
-    gen = torch.Generator().manual_seed(hash((causal, window, padding, H, Sq)) % 2**31)
+def test_every_statistic_matches_materialised_softmax(causal, window, padding, H, Hkv, Sq, Sk, D, topk, vocab):
+    gen = torch.Generator().manual_seed(hash((causal, window, padding, H, Sq, vocab)) % 2**31)
     B = 2
     q = torch.randn(B, H, Sq, D, generator=gen) * 1.5
     k = torch.randn(B, Hkv, Sk, D, generator=gen) * 1.5
     v = torch.randn(B, Hkv, Sk, D, generator=gen)
     kv = _padding(B, Sk, padding, gen)
-    tokens = torch.randint(0, 4, (B, Sk), generator=gen)  # few ids: many matches
+    tokens = torch.randint(0, vocab, (B, Sk), generator=gen)
     keyset = torch.rand(B, Sk, generator=gen) < 0.3
     offsets = (1, 2, 5, -1) if not causal else (0, 1, 3)
-    req = StatsRequest.all(topk=3, sink_k=2, offsets=offsets, keyset=True)
+    req = StatsRequest.all(topk=topk, sink_k=2, offsets=offsets, keyset=True, content=True)
     out, st = attention_reference(q, k, v, causal=causal, window=window, key_valid=kv, token_ids=tokens,
                                   keyset=keyset, request=req, chunk=5)
     P, s_m, ref_out, mask = materialised(q, k, v, causal=causal, window=window, key_valid=kv)
-    ref = eager_stats(P, s_m, mask, kv, tokens, keyset, offsets, 2, 3)
+    ref = eager_stats(P, s_m, mask, kv, tokens, keyset, offsets, 2, topk)
     assert torch.allclose(out.double(), ref_out, atol=TOL)
     for name in req.names():
         got, want = st[name], ref[name]
