@@ -255,3 +255,18 @@ def test_bad_requests_raise():
         attention(q, q, q, key_scale=KeyScale(torch.tensor([0.0, 1.0]), torch.ones(1, 4, dtype=torch.bool)))
     with pytest.raises(KernelInputError, match="finite"):
         attention(q, q, q, key_scale=KeyScale(torch.tensor([math.nan, 1.0]), torch.ones(1, 4, dtype=torch.bool)))
+
+
+@pytest.mark.parametrize("K", [1, 31, 33, 64, 100, 1024])
+def test_row_max_argmax_is_first_maximum(K):
+    """The blocked argmax of the forward's top-1 path against a plain scan, ties included."""
+    from headscope.kernels.reference import _row_max_argmax
+
+    s = torch.randn(2, 3, 7, K, generator=torch.Generator().manual_seed(K))
+    s[0, 0, 0] = 1.0  # every key ties
+    s[1, 2, 3, K // 2:] = s[1, 2, 3].max() + 1  # a tie that spans blocks
+    m, idx = _row_max_argmax(s)
+    ref_m = s.max(-1, keepdim=True).values
+    first = (s == ref_m).float().argmax(-1, keepdim=True)  # float argmax: first occurrence
+    assert torch.equal(m, ref_m)
+    assert torch.equal(idx, first)
