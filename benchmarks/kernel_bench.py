@@ -144,6 +144,7 @@ def run(dims, seqs) -> list[dict]:
 
 NO_EAGER = False
 NO_DENSE = False
+BREAKDOWN_DENSE = False  # also time each token-statistic row with match / next_match in the loop
 
 
 def fmt(x, spec=".0f"):
@@ -186,22 +187,32 @@ BREAKDOWN = [
     ("+ match", StatsRequest(lse=True, entropy=True, topk=1, sink_k=1, offsets=(1,), keyset=True, match=True)),
     ("+ next_match (= all)", StatsRequest.all(topk=1, sink_k=1, offsets=(1,), keyset=True, colsum=False)),
     ("match + next_match only", StatsRequest(match=True, next_match=True)),
+    ("all but top-1", StatsRequest(lse=True, entropy=True, sink_k=1, offsets=(1,), keyset=True, match=True,
+                                   next_match=True)),
+    ("all but entropy", StatsRequest(lse=True, topk=1, sink_k=1, offsets=(1,), keyset=True, match=True,
+                                     next_match=True)),
+    ("all, keyset per element", StatsRequest.all(topk=1, sink_k=1, offsets=(1,), keyset=True, colsum=False),
+     dict(KEYSET_TENSOR_CORES=False)),
 ]
 
 
 def breakdown(dims, S=16384) -> str:
     """Cumulative cost of each statistic at one length: where the time of (b) goes."""
-    lines = [f"Cumulative statistics cost, causal bf16, S={S}, batch 1 (ms; TFLOP/s; x of output-only):"]
+    B = max(1, TOKENS // S)
+    lines = [f"Cumulative statistics cost, causal bf16, S={S}, batch {B} (ms; TFLOP/s; x of output-only):"]
     for D in dims:
         H = HIDDEN // D
         g = torch.Generator(device="cuda").manual_seed(7 + D)
-        q, k, v = (torch.randn(1, H, S, D, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        tok = zipf_ids(1, S, g, "cuda")
-        kset = torch.rand(1, S, generator=g, device="cuda") < 0.05
-        flops = 4 * H * S * S * D / 2
+        q, k, v = (torch.randn(B, H, S, D, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        tok = zipf_ids(B, S, g, "cuda")
+        kset = torch.rand(B, S, generator=g, device="cuda") < 0.05
+        flops = 4 * B * H * S * S * D / 2
         base = None
-        for name, req in BREAKDOWN:
-            for path in (("auto", "dense") if req.needs_tokens else ("auto",)):
+        for name, req, *mod in BREAKDOWN:
+            saved = {a: getattr(ta, a) for a in (mod[0] if mod else {})}
+            for a, val in (mod[0] if mod else {}).items():
+                setattr(ta, a, val)
+            for path in (("auto", "dense") if req.needs_tokens and BREAKDOWN_DENSE else ("auto",)):
                 ta.MATCH_PATH = path
                 fn = lambda: ta.attention_triton(q, k, v, causal=True, request=req, token_ids=tok,  # noqa: E731
                                                  keyset=kset if req.keyset else None)
@@ -212,6 +223,27 @@ def breakdown(dims, S=16384) -> str:
                 base = base or t
                 lines.append(f"  d{D:<4d} {name:26s} {used:6s} {t:8.3f} ms {flops / t / 1e9:6.0f} TFLOP/s"
                              f"  x{base / t:5.2f}")
+            for a, val in saved.items():
+                setattr(ta, a, val)
+        # Kernel times of one (b) call: forward, sorts, plan ranges, pair passes (what the wall adds up to).
+        req = BREAKDOWN[7][1]
+        fn = lambda: ta.attention_triton(q, k, v, causal=True, request=req, token_ids=tok, keyset=kset)  # noqa: E731
+        fn()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn()
+            torch.cuda.synchronize()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(50):
+            fn()
+        t_host = (time.perf_counter() - t0) / 50
+        torch.cuda.synchronize()
+        t_all = (time.perf_counter() - t0) / 50
+        lines.append(f"  d{D} (b): host returns after {t_host * 1e3:.3f} ms per call, wall {t_all * 1e3:.3f} ms per call "
+                     f"(50 calls back to back); CUDA kernels per call (mean of 5):")
+        for e in sorted(prof.key_averages(), key=lambda e: -e.device_time_total)[:10]:
+            lines.append(f"    {e.device_time_total / 5e3:8.3f} ms  x{e.count // 5:<3d} {e.key[:80]}")
         del q, k, v
     return "\n".join(lines)
 
@@ -221,7 +253,8 @@ def main():
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--seqs", default="1024,4096,16384,32768,65536")
     ap.add_argument("--quick", action="store_true", help="d64/d128 at 4k and 16k only")
-    ap.add_argument("--breakdown", action="store_true", help="also: cumulative cost of each statistic at 16k")
+    ap.add_argument("--breakdown", action="store_true", help="also: cumulative cost of each statistic")
+    ap.add_argument("--breakdown-seqs", default="16384", help="lengths of the breakdown (B = 16k / S)")
     ap.add_argument("--no-eager", action="store_true", help="skip (e), the materialising baseline")
     ap.add_argument("--no-dense", action="store_true", help="skip (b-dn), match/next_match forced into the loop")
     args = ap.parse_args()
@@ -249,7 +282,8 @@ def main():
     for k_, v_ in tuned.items():
         print(f"  {k_}: {v_}")
     if args.breakdown:
-        print(breakdown(dims))
+        for S in (int(x) for x in args.breakdown_seqs.split(",")):
+            print(breakdown(dims, S))
     print(table(rows))
 
 

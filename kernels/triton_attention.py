@@ -29,6 +29,8 @@ MAX_TOPK = 16
 MAX_OFFSETS = 32
 MAX_HEAD_DIM = 256
 KEY_W = 16  # columns of the key-weight tile (tl.dot needs >= 16); column 0 carries the key set
+# keyset_mass on the tensor cores (p rounded as for P.V) or per element in fp32 (benchmarks compare).
+KEYSET_TENSOR_CORES = True
 
 
 def _interpreting() -> bool:
@@ -89,6 +91,12 @@ _fwd_tuned = triton.autotune(
     configs=_configs(_FWD_CONFIGS), key=["HEAD_DIM", "PREC", "HEAVY", "LEN_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_for_dim(_FWD_CONFIGS)},
 )(_attn_fwd) if not _interpreting() else None
+# The pair pass: short programs whose K rows are gathered through the sorted key order (latency-bound
+# at 4k: 0.23 ms per statistic with one 64-key stage), so deeper pipelines are tried.
+_pair_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_N": bn}, num_warps=4, num_stages=st) for bn in (32, 64) for st in (2, 3, 4)],
+    key=["HEAD_DIM", "PREC", "MATCH", "NEXT", "LEN_BUCKET"],
+)(_pair_mass_kernel) if not _interpreting() else None
 _colsum_tuned = triton.autotune(
     configs=_configs(_COLSUM_CONFIGS), key=["HEAD_DIM", "PREC", "LEN_BUCKET"],
     prune_configs_by={"early_config_prune": _prune_for_dim(_COLSUM_CONFIGS)},
@@ -120,7 +128,8 @@ def _small_config(interp: bool, head_dim: int) -> dict:
 
 
 def _pair_tiles(interp: bool) -> tuple[int, int]:
-    """(BLOCK_M, BLOCK_N) of the sparse match pass: the interpreter's small tiles, else 64 x 64."""
+    """(BLOCK_M, BLOCK_N) of the sparse match pass: the interpreter's small tiles, else 64 x 64
+    (BLOCK_N is autotuned on the GPU; BLOCK_M fixes the plan's tiles)."""
     return INTERPRET_TILES if interp else (64, 64)
 
 
@@ -205,10 +214,13 @@ def attention_triton(
     kv_u8 = _as_u8(key_valid, B, Sk, dev)
     tok = token_ids.to(device=dev, dtype=torch.int32).contiguous() if token_ids is not None \
         else torch.empty(1, dtype=torch.int32, device=dev)
-    if request.keyset:
+    key_w = KEY_W if KEYSET_TENSOR_CORES else 2
+    if request.keyset and KEYSET_TENSOR_CORES:
         # Key weights for the tensor-core masses: [B, Sk, KEY_W] in q's dtype, column 0 the key set.
         kset = torch.zeros(B, Sk, KEY_W, dtype=q.dtype, device=dev)
         kset[:, :, 0] = keyset.to(device=dev, dtype=q.dtype)
+    elif request.keyset:
+        kset = keyset.to(device=dev, dtype=torch.float32).contiguous()  # per-element path: [B, Sk] weights
     else:
         kset = torch.empty(1, dtype=q.dtype, device=dev)
     if request.next_match:
@@ -307,7 +319,7 @@ def attention_triton(
     fwd_flags = dict(
         flags, LSE=request.lse, ENT=request.entropy, TOPK=topk, KPAD=max(2, _next_pow2(max(topk, 1))),
         FAST_TOP1=(topk == 1 and key_scale is None), SINK=request.sink_k > 0, NOFF=noff,
-        MATCH=dense_match, NEXT=dense_next, KEYSET=request.keyset, KW=KEY_W, SAVE_LSE=save_lse,
+        MATCH=dense_match, NEXT=dense_next, KEYSET=request.keyset, KW=key_w, SAVE_LSE=save_lse,
     )
     # Short query blocks (decoding, Sq < 64) would waste most of a 128-row tile: fixed small tiles.
     if interp or Sq < 64:
@@ -320,18 +332,30 @@ def attention_triton(
         _fwd_tuned[grid](*fwd_args, **fwd_flags, HEAVY=heavy, LEN_BUCKET=bucket)
 
     counts: dict[str, torch.Tensor] = {}
-    for name, (perm_q, sorted_q, perm_k, sorted_k, k_lo, k_hi) in plans.items():
-        n_tiles = k_lo.shape[1]
-        counts[name] = empty(B, Sq)
-        _pair_mass_kernel[(n_tiles, B * H)](
-            q, k, lse2_int, coef_int, stats[name], counts[name], perm_q, sorted_q, perm_k, sorted_k, k_lo, k_hi,
-            *q.stride(), *k.stride(), H, G, Sq, Sk, OFF, qk_scale, cap2, int(window or 0), n_tiles,
-            kb_keys, kb_bias, ks_keys, hmask,
-            HEAD_DIM=HEAD_DIM, D_TRUE=D, BLOCK_M=_pair_tiles(interp)[0],
-            BLOCK_N=_pair_tiles(interp)[1], CAUSAL=bool(causal), HAS_WINDOW=window is not None,
-            STRICT=name == "match_mass", SOFTCAP=softcap is not None, KEY_BIAS=key_bias is not None,
-            KEY_SCALE=key_scale is not None, HAS_ZERO=has_zero, HAS_UNIFORM=has_uniform, PRESCALED=prescaled,
-            PREC=prec, COUNT=True, num_warps=4, num_stages=2)
+    if plans:
+        # One launch for both statistics: each program loads its sorted query rows, q and lse once.
+        sets = []
+        for name in ("match_mass", "next_match_mass"):
+            if name in plans:
+                perm_q, sorted_q, perm_k, sorted_k, k_lo, k_hi = plans[name]
+                counts[name] = empty(B, Sq)
+                sets.append((stats[name], counts[name], perm_k, sorted_k, k_lo, k_hi))
+            else:
+                sets.append((dummy_f, dummy_f, tok, tok, tok, tok))
+        n_tiles = triton.cdiv(Sq, _pair_tiles(interp)[0])
+        pair_args = (q, k, lse2_int, coef_int, perm_q, sorted_q, *sets[0], *sets[1],
+                     *q.stride(), *k.stride(), H, G, Sq, Sk, OFF, qk_scale, cap2, int(window or 0), n_tiles,
+                     kb_keys, kb_bias, ks_keys, hmask)
+        pair_flags = dict(
+            HEAD_DIM=HEAD_DIM, D_TRUE=D, BLOCK_M=_pair_tiles(interp)[0], CAUSAL=bool(causal),
+            HAS_WINDOW=window is not None, MATCH="match_mass" in plans, NEXT="next_match_mass" in plans,
+            SOFTCAP=softcap is not None, KEY_BIAS=key_bias is not None, KEY_SCALE=key_scale is not None,
+            HAS_ZERO=has_zero, HAS_UNIFORM=has_uniform, PRESCALED=prescaled, PREC=prec, LEN_BUCKET=bucket)
+        if interp:
+            _pair_mass_kernel[(n_tiles, B * H)](*pair_args, **pair_flags, BLOCK_N=_pair_tiles(interp)[1],
+                                                num_warps=4, num_stages=2)
+        else:
+            _pair_tuned[(n_tiles, B * H)](*pair_args, **pair_flags)
 
     if dense_match or dense_next:
         # Counts of the statistics left on the dense path (the pair pass wrote its own).

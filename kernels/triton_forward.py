@@ -29,8 +29,6 @@ LN2 = 0.6931471805599453
 # Token id that no real token has: marks "no previous token" for next_match.
 NO_TOKEN_ID = -2147483648
 NO_TOKEN = tl.constexpr(NO_TOKEN_ID)
-# Keys per tile of the epilogue's sink-mass recomputation (sink_k is usually 1-4).
-SINK_BN = tl.constexpr(16)
 
 
 @triton.jit
@@ -126,7 +124,7 @@ def _fwd_tile(
     """One key block t of the online-softmax loop, for output and every per-element statistic.
 
     sink_mass and offset_mass are not here: they touch one or two tiles per row block, and the
-    epilogue recomputes them from the final lse (`_sink_mass`, `_offset_prob`)."""
+    epilogue recomputes them from the final lse (`_offset_prob`)."""
     n0 = t * BLOCK_N
     offs_n = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -196,7 +194,7 @@ def _fwd_tile(
         v = tl.load(vp, mask=offs_n[:, None] < Sk, other=0.0)
     else:
         v = tl.load(vp)
-    if KEYSET:
+    if KEYSET and KW >= 16:
         # Key weights [BN, KW] (column 0: the key set) times the same rounded p as P.V, on the
         # tensor cores: no per-element work, the rescale is KW columns per row.
         wp = KeyW_b + offs_n[:, None] * KW + tl.arange(0, KW)[None, :]
@@ -209,14 +207,24 @@ def _fwd_tile(
         ps = p_set.to(v.dtype)
         acc = tl.dot(pr, v, acc * alpha[:, None], input_precision=PREC)
         acc_s = tl.dot(ps, v, acc_s * alpha[:, None], input_precision=PREC)
-        if KEYSET:
+        if KEYSET and KW >= 16:
             kw = tl.dot(pr, w, kw * alpha[:, None], input_precision=PREC)
             kws = tl.dot(ps, w, kws * alpha[:, None], input_precision=PREC)
     else:
         pv = p.to(v.dtype)
         acc = tl.dot(pv, v, acc * alpha[:, None], input_precision=PREC)
-        if KEYSET:
+        if KEYSET and KW >= 16:
             kw = tl.dot(pv, w, kw * alpha[:, None], input_precision=PREC)
+    if KEYSET and KW < 16:
+        # Per-element alternative (KW < 16): float32 weights [Sk], fp32 p, into column 0.
+        if MASKED:
+            w1 = tl.load(KeyW_b + offs_n, mask=offs_n < Sk, other=0.0)
+        else:
+            w1 = tl.load(KeyW_b + offs_n)
+        col0 = tl.arange(0, KW)[None, :] == 0
+        kw = kw * alpha[:, None] + tl.where(col0, tl.sum(p * w1[None, :], 1)[:, None], 0.0)
+        if KEY_SCALE:
+            kws = kws * alpha[:, None] + tl.where(col0, tl.sum(p_set * w1[None, :], 1)[:, None], 0.0)
 
     if TOPK > 0 and not FAST_TOP1:
         if KEY_SCALE:
@@ -297,36 +305,6 @@ def _offset_prob(q, K_bh, skn, skd, j, pos_m, lse2, Sk, window, KeyValid_b, KbKe
 
 
 @triton.jit
-def _sink_mass(q, K_bh, skn, skd, pos_m, lse2, cset, crest, k_lo, k_hi, Sk, window, KeyValid_b, KbKeys_b,
-               KsKeys_b, qk_scale, cap2, bias2, uniform,
-               BLOCK_M: tl.constexpr, SINK_BN: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KV: tl.constexpr, SOFTCAP: tl.constexpr,
-               KEY_BIAS: tl.constexpr, HAS_UNIFORM: tl.constexpr, KEY_SCALE: tl.constexpr,
-               PREC: tl.constexpr):
-    """sum of p_ij over keys k_lo <= j < k_hi (the first sink_k valid keys, clipped to what the block
-    can see), recomputed from the final base-2 lse in SINK_BN-key tiles; ACT factors applied."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    tot = tl.zeros([BLOCK_M], tl.float32)
-    for c0 in range(k_lo, k_hi, SINK_BN):
-        offs_n = c0 + tl.arange(0, SINK_BN)
-        lmask = offs_n[:, None] < Sk
-        if D_TRUE != HEAD_DIM:
-            lmask = lmask & (offs_d[None, :] < D_TRUE)
-        k = tl.load(K_bh + offs_n[:, None] * skn + offs_d[None, :] * skd, mask=lmask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        s = _scores(qk, offs_n, Sk, KbKeys_b, qk_scale, cap2, bias2, uniform,
-                    SOFTCAP, KEY_BIAS, HAS_UNIFORM, True)
-        s = _visible(s, offs_n, pos_m, Sk, window, KeyValid_b, True, CAUSAL, HAS_WINDOW, HAS_KV)
-        s = tl.where((offs_n < k_hi)[None, :], s, float("-inf"))
-        p = tl.exp2(s - lse2[:, None])
-        if KEY_SCALE:
-            inset = tl.load(KsKeys_b + offs_n, mask=offs_n < Sk, other=0) != 0
-            p = p * tl.where(inset[None, :], cset[:, None], crest[:, None])
-        tot += tl.sum(p, 1)
-    return tot
-
-
-@triton.jit
 def _combine(tot, part, cset, crest):
     """ACT mass: beta on the set part, (1 - beta S)/(1 - S) on the rest."""
     return cset * part + crest * (tot - part)
@@ -397,7 +375,10 @@ def _attn_fwd(
     KeyValid_b = KeyValid + kb_off
     Tok_b = Tok + kb_off
     PrevTok_b = PrevTok + kb_off
-    KeyW_b = KeyW + kb_off * KW
+    if KW >= 16:
+        KeyW_b = KeyW + kb_off * KW
+    else:
+        KeyW_b = KeyW + kb_off
     KsKeys_b = KsKeys + kb_off
     KbKeys_b = KbKeys + kb_off
 
@@ -581,15 +562,20 @@ def _attn_fwd(
             tl.store(AmaxO + srow * TOPK + r, ix.to(tl.int64), mask=row_ok)
             tl.store(MprobO + srow * TOPK + r, pr, mask=row_ok)
     if SINK:
-        # The first sink_k valid keys, clipped to the keys this block can see at all.
+        # The first sink_k valid keys, clipped to the keys this block can see at all: one broadcast
+        # key row per step (sink_k is 1 in most requests), the same recomputation as the offsets.
         sk_lo = tl.maximum(first, lo)
         sk_hi = tl.minimum(first + sink_k, hi)
         if HAS_ZERO:
             sk_hi = tl.where(zero_head, sk_lo, sk_hi)
-        v = _sink_mass(q, K_bh, skn, skd, pos_m, lse2_p, cset, crest, sk_lo, sk_hi, Sk, window, KeyValid_b,
-                       KbKeys_b, KsKeys_b, qk_scale, cap2, bias2, uniform,
-                       BLOCK_M, SINK_BN, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS,
-                       HAS_UNIFORM, KEY_SCALE, PREC)
+        v = tl.zeros([BLOCK_M], tl.float32)
+        for jj in range(sk_lo, sk_hi):
+            pj = _offset_prob(q, K_bh, skn, skd, tl.zeros([BLOCK_M], tl.int32) + jj, pos_m, lse2_p, Sk, window,
+                              KeyValid_b, KbKeys_b, qk_scale, cap2, bias2, uniform, HEAD_DIM, D_TRUE, CAUSAL,
+                              HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS, HAS_UNIFORM)
+            if KEY_SCALE:
+                pj = pj * tl.where(tl.load(KsKeys_b + jj) != 0, cset, crest)
+            v += pj
         _store_row(SinkO + srow, v, valid, zero_head, row_ok, HAS_ZERO)
     if NOFF > 0:
         for o in tl.static_range(NOFF):
@@ -612,8 +598,8 @@ def _attn_fwd(
         wcol = tl.arange(0, KW)[None, :] == 0
         km = tl.sum(tl.where(wcol, kw, 0.0), 1)
         kms = tl.sum(tl.where(wcol, kws, 0.0), 1)
-        if KEY_SCALE:
-            km = km + kms
+        if KEY_SCALE and KW >= 16:
+            km = km + kms  # the tensor-core path splits p into rest / set; the per-element one sums all
         _store_row(KsetO + srow, _mass(km, kms, cset, crest, inv_l, KEY_SCALE), valid, zero_head, row_ok,
                    HAS_ZERO)
 

@@ -31,62 +31,22 @@ NO_TOKEN_C = tl.constexpr(NO_TOKEN_ID)
 
 
 @triton.jit
-def _pair_mass_kernel(
-    Q, K, Lse2, Coef, Out, Count, PermQ, TokQ, PermK, TokK, KLo, KHi,
-    sqb, sqh, sqm, sqd, skb, skh, skn, skd,
-    H, G, Sq, Sk, OFF, qk_scale, cap2, window, n_tiles,
-    KbKeys, KbBias, KsKeys, HeadMask,
-    HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, STRICT: tl.constexpr, SOFTCAP: tl.constexpr,
-    KEY_BIAS: tl.constexpr, KEY_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_UNIFORM: tl.constexpr,
-    PRESCALED: tl.constexpr, PREC: tl.constexpr, COUNT: tl.constexpr,
-):
-    """Grid (n_tiles, B * H). PermQ/TokQ [B, Sq]: query rows sorted by token (padded rows carry a
-    sentinel), PermK/TokK [B, Sk]: keys sorted by the token they are compared with (tok_j, or
-    tok_{j-1}; padding / no predecessor = NO_TOKEN_ID); KLo/KHi [B, n_tiles]: the sorted key range
-    of each tile. Writes Out [B, H, Sq] = sum of p_ij over equal, visible pairs with j < i (STRICT)
-    or j <= i. COUNT: head 0's programs also write Count [B, Sq], the number of such pairs (the
-    same for every head), so the pass replaces the dense token-count kernel."""
-    u = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    hk = h // G
-    b64 = b.to(tl.int64)
-    idx_m = u * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = idx_m < Sq
-    rows = tl.load(PermQ + b64 * Sq + idx_m, mask=m_ok, other=0).to(tl.int32)
-    tq = tl.load(TokQ + b64 * Sq + idx_m, mask=m_ok, other=_Q_SENTINEL_C)
-    pos_m = OFF + rows
+def _pair_walk(q, tq, pos_m, lse2, cs, cr, K_bh, skn, skd, PermK_b, TokK_b, KsKeys_b, KbKeys_b, lo, hi,
+               Sk, qk_scale, cap2, bias2, uniform, window,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, STRICT: tl.constexpr, SOFTCAP: tl.constexpr,
+               KEY_BIAS: tl.constexpr, KEY_SCALE: tl.constexpr, HAS_UNIFORM: tl.constexpr,
+               PRESCALED: tl.constexpr, PREC: tl.constexpr):
+    """Walk the sorted keys lo..hi of one query tile: (sum of p over equal visible pairs, their count)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    qmask = m_ok[:, None]
-    if D_TRUE != HEAD_DIM:
-        qmask = qmask & (offs_d[None, :] < D_TRUE)
-    q = tl.load(Q + b64 * sqb + h.to(tl.int64) * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=qmask, other=0.0)
-    srow = pid_bh.to(tl.int64) * Sq + rows
-    lse2 = tl.load(Lse2 + srow, mask=m_ok, other=float("inf"))
-    if KEY_SCALE:
-        cs = tl.load(Coef + 2 * srow, mask=m_ok, other=1.0)
-        cr = tl.load(Coef + 2 * srow + 1, mask=m_ok, other=1.0)
-    K_bh = K + b64 * skb + hk.to(tl.int64) * skh
-    KbKeys_b = KbKeys + b64 * Sk
-    uniform = False
-    if HAS_UNIFORM:
-        uniform = tl.load(HeadMask + h) != 0
-    bias2 = 0.0
-    if KEY_BIAS:
-        bias2 = tl.load(KbBias + h).to(tl.float32) * 1.4426950408889634
-    lo = tl.load(KLo + b64 * n_tiles + u)
-    hi = tl.load(KHi + b64 * n_tiles + u)
     acc = tl.zeros([BLOCK_M], tl.float32)
     cnt = tl.zeros([BLOCK_M], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         idx_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = idx_n < hi
-        jpos = tl.load(PermK + b64 * Sk + idx_n, mask=n_ok, other=0).to(tl.int32)
+        jpos = tl.load(PermK_b + idx_n, mask=n_ok, other=0).to(tl.int32)
         jpos = tl.where(n_ok, jpos, Sk)  # out of range: fails every visibility test below
-        tk = tl.load(TokK + b64 * Sk + idx_n, mask=n_ok, other=NO_TOKEN_C)
+        tk = tl.load(TokK_b + idx_n, mask=n_ok, other=NO_TOKEN_C)
         kmask = n_ok[:, None]
         if D_TRUE != HEAD_DIM:
             kmask = kmask & (offs_d[None, :] < D_TRUE)
@@ -110,17 +70,91 @@ def _pair_mass_kernel(
             if not CAUSAL:
                 keep = keep & (-dist < window)
         if KEY_SCALE:
-            inset = tl.load(KsKeys + b64 * Sk + jpos, mask=jpos < Sk, other=0) != 0
+            inset = tl.load(KsKeys_b + jpos, mask=jpos < Sk, other=0) != 0
             p = p * tl.where(inset[None, :], cs[:, None], cr[:, None])
         acc += tl.sum(tl.where(keep, p, 0.0), 1)
-        if COUNT:
-            cnt += tl.sum(keep.to(tl.float32), 1)
+        cnt += tl.sum(keep.to(tl.float32), 1)
+    return acc, cnt
+
+
+@triton.jit
+def _pair_mass_kernel(
+    Q, K, Lse2, Coef, PermQ, TokQ,
+    Out1, Count1, PermK1, TokK1, KLo1, KHi1, Out2, Count2, PermK2, TokK2, KLo2, KHi2,
+    sqb, sqh, sqm, sqd, skb, skh, skn, skd,
+    H, G, Sq, Sk, OFF, qk_scale, cap2, window, n_tiles,
+    KbKeys, KbBias, KsKeys, HeadMask,
+    HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MATCH: tl.constexpr, NEXT: tl.constexpr,
+    SOFTCAP: tl.constexpr, KEY_BIAS: tl.constexpr, KEY_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
+    HAS_UNIFORM: tl.constexpr, PRESCALED: tl.constexpr, PREC: tl.constexpr, LEN_BUCKET,
+):
+    """Grid (n_tiles, B * H). PermQ/TokQ [B, Sq]: query rows sorted by token (padded rows carry a
+    sentinel); for match (set 1: strict, j < i) and next_match (set 2: j <= i) PermK/TokK [B, Sk]:
+    keys sorted by the token they are compared with (tok_j, or tok_{j-1}; padding / no predecessor =
+    NO_TOKEN_ID), KLo/KHi [B, n_tiles]: the sorted key range of each tile. Writes Out [B, H, Sq] =
+    sum of p_ij over equal, visible pairs; head 0's programs also write Count [B, Sq], the number of
+    such pairs (the same for every head). One program does both statistics: the query rows, q and
+    the lse are loaded once. LEN_BUCKET: autotune key only."""
+    u = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
+    b64 = b.to(tl.int64)
+    idx_m = u * BLOCK_M + tl.arange(0, BLOCK_M)
+    m_ok = idx_m < Sq
+    rows = tl.load(PermQ + b64 * Sq + idx_m, mask=m_ok, other=0).to(tl.int32)
+    tq = tl.load(TokQ + b64 * Sq + idx_m, mask=m_ok, other=_Q_SENTINEL_C)
+    pos_m = OFF + rows
+    offs_d = tl.arange(0, HEAD_DIM)
+    qmask = m_ok[:, None]
+    if D_TRUE != HEAD_DIM:
+        qmask = qmask & (offs_d[None, :] < D_TRUE)
+    q = tl.load(Q + b64 * sqb + h.to(tl.int64) * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=qmask, other=0.0)
+    srow = pid_bh.to(tl.int64) * Sq + rows
+    lse2 = tl.load(Lse2 + srow, mask=m_ok, other=float("inf"))
+    cs = lse2
+    cr = lse2
+    if KEY_SCALE:
+        cs = tl.load(Coef + 2 * srow, mask=m_ok, other=1.0)
+        cr = tl.load(Coef + 2 * srow + 1, mask=m_ok, other=1.0)
+    K_bh = K + b64 * skb + hk.to(tl.int64) * skh
+    KbKeys_b = KbKeys + b64 * Sk
+    KsKeys_b = KsKeys + b64 * Sk
+    uniform = False
+    if HAS_UNIFORM:
+        uniform = tl.load(HeadMask + h) != 0
+    bias2 = 0.0
+    if KEY_BIAS:
+        bias2 = tl.load(KbBias + h).to(tl.float32) * 1.4426950408889634
+    zero = False
     if HAS_ZERO:
-        acc = tl.where(tl.load(HeadMask + h) != 0, float("nan"), acc)
-    tl.store(Out + srow, acc, mask=m_ok)
-    if COUNT:
-        if h == 0:
-            tl.store(Count + b64 * Sq + rows, cnt, mask=m_ok)
+        zero = tl.load(HeadMask + h) != 0
+    if MATCH:
+        acc, cnt = _pair_walk(q, tq, pos_m, lse2, cs, cr, K_bh, skn, skd, PermK1 + b64 * Sk, TokK1 + b64 * Sk,
+                              KsKeys_b, KbKeys_b, tl.load(KLo1 + b64 * n_tiles + u),
+                              tl.load(KHi1 + b64 * n_tiles + u), Sk, qk_scale, cap2, bias2, uniform, window,
+                              BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW, True, SOFTCAP,
+                              KEY_BIAS, KEY_SCALE, HAS_UNIFORM, PRESCALED, PREC)
+        _store_pairs(Out1 + srow, Count1 + b64 * Sq + rows, acc, cnt, zero, h, m_ok, HAS_ZERO)
+    if NEXT:
+        acc, cnt = _pair_walk(q, tq, pos_m, lse2, cs, cr, K_bh, skn, skd, PermK2 + b64 * Sk, TokK2 + b64 * Sk,
+                              KsKeys_b, KbKeys_b, tl.load(KLo2 + b64 * n_tiles + u),
+                              tl.load(KHi2 + b64 * n_tiles + u), Sk, qk_scale, cap2, bias2, uniform, window,
+                              BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW, False, SOFTCAP,
+                              KEY_BIAS, KEY_SCALE, HAS_UNIFORM, PRESCALED, PREC)
+        _store_pairs(Out2 + srow, Count2 + b64 * Sq + rows, acc, cnt, zero, h, m_ok, HAS_ZERO)
+
+
+@triton.jit
+def _store_pairs(OutP, CountP, acc, cnt, zero, h, m_ok, HAS_ZERO: tl.constexpr):
+    if HAS_ZERO:
+        acc = tl.where(zero, float("nan"), acc)
+    tl.store(OutP, acc, mask=m_ok)
+    if h == 0:
+        tl.store(CountP, cnt, mask=m_ok)
 
 
 @triton.jit

@@ -258,6 +258,16 @@ def test_output_only_and_single_stats():
         run_case(dict(c, name=f"only_{req.names()[0]}"), request=req)
 
 
+@pytest.mark.parametrize("tensor_cores", [True, False])
+def test_keyset_paths(tensor_cores, monkeypatch):
+    """keyset_mass on the tensor cores (key-weight tile) and per element give the reference's mass."""
+    monkeypatch.setattr(ta, "KEYSET_TENSOR_CORES", tensor_cores)
+    req = StatsRequest(lse=True, entropy=True, keyset=True)
+    run_case(dict(name=f"keyset_tc{tensor_cores}", B=2, H=4, Hkv=2, Sq=40, Sk=40, D=64, pad="left"), request=req)
+    run_case(dict(name=f"keyset_tc{tensor_cores}_act", B=1, H=2, Hkv=1, Sq=36, Sk=36, D=64, key_scale=True,
+                  window=9), request=req)
+
+
 def test_half_precision_inputs():
     """fp16 runs through the same kernel; p is rounded to the input dtype for P.V as on GPU.
 
