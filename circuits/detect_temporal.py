@@ -116,6 +116,8 @@ def validate_temporal(model: HeadscopeModel, scores, temporal: list[TemporalFact
                f"{inv.baseline - inv.top_k_damage:.3f} with the top-{k} heads {top} ablated; random {k}-head sets: "
                f"temporal drop median {v.random_median:.3f}, invariant drop median {inv.random_median:.3f} "
                f"({len(temporal)} temporal facts the model knows, {len(invariant)} invariant facts).")
+    v.control = {"metric": inv.metric, "baseline": inv.baseline, "top_k_damage": inv.top_k_damage,
+                 "random_k_damage": list(inv.random_k_damage)}
     return v, {"baseline": inv.baseline, "top_k": inv.baseline - inv.top_k_damage, "top_k_damage": inv.top_k_damage,
                "random_k_damage": inv.random_k_damage}
 

@@ -60,6 +60,9 @@ class Validation:
     random_k_damage: list[float]
     baseline: float
     notes: str = ""
+    # The same head sets on a control behaviour the heads should NOT affect (e.g. temporal heads on
+    # time-invariant facts): {"metric", "baseline", "top_k_damage", "random_k_damage": [...]}.
+    control: dict | None = None
 
     @property
     def random_median(self) -> float:
@@ -71,19 +74,31 @@ class Validation:
         return bool(self.top_k_damage > self.random_median)
 
     def verdict(self) -> str:
-        if self.passed:
-            ratio = self.top_k_damage / self.random_median if self.random_median > 0 else float("inf")
-            return (f"ablating the top-{self.k} {self.kind} heads does {ratio:.1f}x the damage of the median "
-                    f"random {self.k}-head set ({self.metric}).")
-        return (f"the top-{self.k} {self.kind} heads are no more harmful than random heads when ablated "
-                f"({self.top_k_damage:.4g} vs median {self.random_median:.4g}, {self.metric}): the detector is "
-                "wrong or the behaviour is absent in this model.")
+        if self.passed and self.random_median > 0:
+            text = (f"ablating the top-{self.k} {self.kind} heads does {self.top_k_damage / self.random_median:.1f}x "
+                    f"the damage of the median random {self.k}-head set ({self.metric}).")
+        elif self.passed:  # a ratio to a median <= 0 means nothing: give both numbers
+            text = (f"ablating the top-{self.k} {self.kind} heads does {self.top_k_damage:.4g} damage while the "
+                    f"median random {self.k}-head set does {self.random_median:.4g} ({self.metric}).")
+        else:
+            text = (f"the top-{self.k} {self.kind} heads are no more harmful than random heads when ablated "
+                    f"({self.top_k_damage:.4g} vs median {self.random_median:.4g}, {self.metric}): the detector is "
+                    "wrong or the behaviour is absent in this model.")
+        if self.control:
+            c = self.control
+            text += (f" Control ({c['metric']}): the same top heads do {c['top_k_damage']:.4g} vs median "
+                     f"{float(np.median(c['random_k_damage'])):.4g} for the random sets.")
+        return text
 
     def to_dict(self) -> dict:
-        return {"k": self.k, "top_k_damage": float(self.top_k_damage), "random_k_damage": float(self.random_median),
-                "random_k_damage_all": [float(x) for x in self.random_k_damage], "metric": self.metric,
-                "baseline": float(self.baseline), "passed": self.passed, "verdict": self.verdict(),
-                "notes": self.notes}
+        d = {"k": self.k, "top_k_damage": float(self.top_k_damage), "random_k_damage": float(self.random_median),
+             "random_k_damage_all": [float(x) for x in self.random_k_damage], "metric": self.metric,
+             "baseline": float(self.baseline), "passed": self.passed, "verdict": self.verdict(),
+             "notes": self.notes}
+        if self.control:
+            d["control"] = {**self.control, "random_k_damage_all": [float(x) for x in self.control["random_k_damage"]],
+                            "random_k_damage": float(np.median(self.control["random_k_damage"]))}
+        return d
 
 
 @dataclass

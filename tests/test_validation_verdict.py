@@ -1,0 +1,36 @@
+"""What the causal-check verdict says: a ratio only where it means something, the failure case in
+plain words, and the control behaviour beside the main one."""
+
+from __future__ import annotations
+
+import json
+
+from headscope.circuits.scores import Validation
+
+
+def test_ratio_when_random_sets_do_damage():
+    v = Validation("induction", 8, "loss increase", 2.0, [0.1, 0.2, 0.4], 3.0)
+    assert "10.0x the damage" in v.verdict()
+    assert v.passed
+
+
+def test_no_ratio_when_random_median_is_not_positive():
+    v = Validation("sink", 8, "loss increase", 0.5, [-0.1, 0.0, -0.2], 3.0)
+    text = v.verdict()
+    assert v.passed and "inf" not in text and "x the damage" not in text
+    assert "0.5 damage while the median random 8-head set does -0.1" in text
+
+
+def test_failure_is_said_plainly():
+    v = Validation("retrieval", 8, "needle accuracy drop", 0.01, [0.05, 0.02, 0.03], 0.9)
+    assert not v.passed
+    assert "no more harmful than random heads" in v.verdict()
+
+
+def test_control_in_verdict_and_json():
+    v = Validation("temporal", 8, "drop, temporal facts", 0.2, [0.01, 0.02], 0.6,
+                   control={"metric": "drop, invariant facts", "baseline": 0.7, "top_k_damage": 0.03,
+                            "random_k_damage": [0.01, 0.05, 0.02]})
+    assert "Control (drop, invariant facts): the same top heads do 0.03 vs median 0.02" in v.verdict()
+    d = json.loads(json.dumps(v.to_dict()))
+    assert d["control"]["random_k_damage"] == 0.02 and d["control"]["random_k_damage_all"] == [0.01, 0.05, 0.02]
