@@ -165,14 +165,19 @@ def _repeat_run(model, config: DetectorConfig, kind: str):
     offset = T - 1 if kind == "induction" else T
     queries = torch.zeros_like(tokens, dtype=torch.bool)
     queries[:, start + T:] = True
-    mean, tl_mul, tl_abs = _Mean(), 0.0, 0.0
+    grid = (model.meta.n_layers, model.meta.n_heads)
+    mean, tl_mul, tl_abs = _Mean(), torch.zeros(grid, dtype=torch.float64), torch.zeros(grid, dtype=torch.float64)
     request = tl_request(offsets=(offset,))
     col = list(request.offsets).index(offset)
-    for _, _, rec in recorded_batches(model, tokens, request, config.batch_size, config.progress, kind):
+    # every prompt has the same query mask, so this process's slice can index it from 0
+    for _, _, rec in recorded_batches(model, shard(tokens), request, config.batch_size,
+                                      config.progress and is_main(), kind):
         mean.add(rec.stat("offset_mass")[..., col], queries[:rec.batch_size].to(rec.tokens.device))
-        tl_mul = tl_mul + tl_compatible_scores(rec, kind, "mul", per_prompt=True, **_tl_options(config)).sum(0)
-        tl_abs = tl_abs + tl_compatible_scores(rec, kind, "abs", per_prompt=True, **_tl_options(config)).sum(0)
-    return mean.value(), tl_mul / n, tl_abs / n, T, n
+        tl_mul = tl_mul + tl_compatible_scores(rec, kind, "mul", per_prompt=True, **_tl_options(config)).sum(0).cpu()
+        tl_abs = tl_abs + tl_compatible_scores(rec, kind, "abs", per_prompt=True, **_tl_options(config)).sum(0).cpu()
+    score = mean.merged(grid)
+    tl_mul, tl_abs = all_reduce_sum(tl_mul, tl_abs)
+    return score, tl_mul / n, tl_abs / n, T, n
 
 
 def olsson_scores(model, config: DetectorConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,8 +202,8 @@ def olsson_scores(model, config: DetectorConfig) -> tuple[torch.Tensor, torch.Te
     L, H = model.meta.n_layers, model.meta.n_heads
     copy_total = torch.zeros(L, H, dtype=torch.float64)
     unembed = unembedding_with_gain(model)
-    for ids, _, rec in recorded_batches(model, tokens, StatsRequest(next_match=True), config.batch_size,
-                                        config.progress, "prefix matching / copying", head_out=True):
+    for ids, _, rec in recorded_batches(model, shard(tokens), StatsRequest(next_match=True), config.batch_size,
+                                        config.progress and is_main(), "prefix matching / copying", head_out=True):
         q = queries[:rec.batch_size].to(ids.device)
         prefix.add(rec.stat("next_match_mass"), q)
         targets = torch.roll(ids, -1, dims=1)
@@ -206,7 +211,8 @@ def olsson_scores(model, config: DetectorConfig) -> tuple[torch.Tensor, torch.Te
         for layer in range(L):
             eff = head_logit_effect(model, layer, rec.z(layer), targets, unembed)  # [b, S, H]
             copy_total[layer] += (eff * cq[..., None]).sum(dim=(0, 1)).double().cpu()
-    return prefix.value(), copy_total / max(int(copy_q.sum()), 1)
+    copy_total = all_reduce_sum(copy_total)
+    return prefix.merged((L, H)), copy_total / max(int(copy_q.sum()), 1)
 
 
 def validate_repeat(model, config: DetectorConfig, kind: str, df, notes: str):

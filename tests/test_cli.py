@@ -179,13 +179,15 @@ def _torchrun(nproc: int, out: Path, extra: list[str]) -> subprocess.CompletedPr
 def test_two_processes_match_one(tmp_path, shared_model, monkeypatch):
     """torchrun with 2 CPU processes (gloo) shards the prompts and merges sums: same scores, same
     validation, as a single process (run in this process). Stand-in sink (sums, gathered lists,
-    sharded validation) and the shipped previous_token detector."""
+    sharded validation) and the shipped previous_token and induction detectors."""
     pytest.importorskip("headscope.circuits.detect_positional")
     monkeypatch.syspath_prepend(str(HERE))
     monkeypatch.setitem(detectors._DETECTORS, "sink", fakes.FAKES["sink"])
-    settings = ["--detectors", "sink,previous_token", "--seq-len", "12", "--n-prompts", "3", "--batch-size", "1",
+    settings = ["--detectors", "sink,previous_token,induction", "--seq-len", "12", "--n-prompts", "3", "--batch-size", "1",
                 "--top-k", "3", "--n-random", "1", "--quiet", "--config", str(tmp_path / "small.toml")]
-    (tmp_path / "small.toml").write_text("[detectors.previous_token]\nvalidation_prompts = 2\n")
+    (tmp_path / "small.toml").write_text("[detectors.previous_token]\nvalidation_prompts = 2\n"
+                                         "[detectors.induction]\nvalidation_prompts = 2\nprefix_period = 4\n"
+                                         "prefix_repeats = 2\n")
     assert run_cli("--out", str(tmp_path / "one"), *settings) == 0
     two = _torchrun(2, tmp_path / "two", settings)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -199,7 +201,11 @@ def test_two_processes_match_one(tmp_path, shared_model, monkeypatch):
     # Per-prompt values gathered from both processes come back in prompt order.
     assert len(b["summary"]["sink"]["per_prompt"]) == 3
     np.testing.assert_allclose(a["summary"]["sink"]["per_prompt"], b["summary"]["sink"]["per_prompt"], atol=1e-6)
-    for kind in ("sink", "previous_token"):
+    for col in ("tl_mul", "tl_abs", "prefix_matching", "copying"):  # induction's sharded extra columns
+        ia, ib = sa.loc["induction", col], sb.loc["induction", col]
+        np.testing.assert_allclose(ia, ib, rtol=0, atol=1e-5)
+        assert ia.std() > 1e-3, col
+    for kind in ("sink", "previous_token", "induction"):
         # float32 losses: the processes run with 1 thread, this one with 2 (another reduction order).
         np.testing.assert_allclose(a["validation"][kind]["top_k_damage"], b["validation"][kind]["top_k_damage"],
                                    rtol=1e-5, atol=1e-6)
