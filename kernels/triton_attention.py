@@ -29,8 +29,10 @@ MAX_TOPK = 16
 MAX_OFFSETS = 32
 MAX_HEAD_DIM = 256
 KEY_W = 16  # columns of the key-weight tile (tl.dot needs >= 16); column 0 carries the key set
-# keyset_mass on the tensor cores (p rounded as for P.V) or per element in fp32 (benchmarks compare).
-KEYSET_TENSOR_CORES = True
+# keyset_mass on the tensor cores (p rounded as for P.V) or per element in fp32. None = by head dim:
+# measured on H100/H200 (KERNEL_NOTES.md run 10) the tensor-core tile is 14-17% faster for all
+# statistics at d64 and the per-element sum 9-10% faster at d128 (same tile config).
+KEYSET_TENSOR_CORES: bool | None = None
 
 
 def _interpreting() -> bool:
@@ -214,8 +216,9 @@ def attention_triton(
     kv_u8 = _as_u8(key_valid, B, Sk, dev)
     tok = token_ids.to(device=dev, dtype=torch.int32).contiguous() if token_ids is not None \
         else torch.empty(1, dtype=torch.int32, device=dev)
-    key_w = KEY_W if KEYSET_TENSOR_CORES else 2
-    if request.keyset and KEYSET_TENSOR_CORES:
+    keyset_tc = KEYSET_TENSOR_CORES if KEYSET_TENSOR_CORES is not None else HEAD_DIM <= 64
+    key_w = KEY_W if keyset_tc else 2
+    if request.keyset and keyset_tc:
         # Key weights for the tensor-core masses: [B, Sk, KEY_W] in q's dtype, column 0 the key set.
         kset = torch.zeros(B, Sk, KEY_W, dtype=q.dtype, device=dev)
         kset[:, :, 0] = keyset.to(device=dev, dtype=q.dtype)
