@@ -41,6 +41,7 @@ from .detectors import DetectorConfig
 from .prompts import text_windows
 from .runs import recorded_batches, token_loss
 from .scores import DetectorResult, head_scores, top_heads
+from .sharding import all_reduce_sum, gather_lists, is_main, shard
 from .validation import validate_heads
 
 DEFAULTS = dict(seq_len=64, n_prompts=64, eps=0.3, sink_threshold=0.1, min_queries=8)
@@ -61,15 +62,20 @@ def sink_alpha(model, tokens: torch.Tensor, config: DetectorConfig, threshold: f
     judged = torch.arange(S) >= 1
     judged &= (S - torch.arange(S)) >= min_queries
     per_key = (S - torch.arange(S)).double()
-    for ids, _, rec in recorded_batches(model, tokens, StatsRequest(sink_k=1, colsum=True), config.batch_size,
-                                        config.progress, desc):
+    # under torchrun each process records its own slice of the prompts; sums merged below
+    for ids, _, rec in recorded_batches(model, shard(tokens), StatsRequest(sink_k=1, colsum=True), config.batch_size,
+                                        config.progress and is_main(), desc):
         alpha += rec.stat("sink_mass").double().mean(-1).sum(0).cpu()
         share = rec.stat("colsum").double().cpu() / per_key  # [b, L, H, S]
         sinks = (share > threshold) & judged
         extra += sinks.sum(-1).sum(0).double()
         for b, j in (sinks.any(dim=(1, 2))).nonzero().tolist():
             token_counts[int(ids[b, j])] += int(sinks[b, :, :, j].sum())
-    return alpha / len(tokens), extra / len(tokens), token_counts
+    alpha, extra = all_reduce_sum(alpha, extra)
+    merged: Counter = Counter()  # rank order = prompt order, so first-seen order (ties) is unchanged
+    for t, c in gather_lists(list(token_counts.items())):
+        merged[int(t)] += int(c)
+    return alpha / len(tokens), extra / len(tokens), merged
 
 
 def detect_sink(model, config: DetectorConfig) -> DetectorResult:

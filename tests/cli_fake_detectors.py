@@ -106,6 +106,8 @@ if __name__ == "__main__":
     from headscope.circuits import detectors
 
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    # Only sink is a stand-in here: previous_token is the shipped, sharded detector.
-    detectors._DETECTORS["sink"] = FAKES["sink"]
+    # Only sink is a stand-in here (unless the test asks for the shipped one): previous_token is the
+    # shipped, sharded detector.
+    if not os.environ.get("HEADSCOPE_TEST_REAL_SINK"):
+        detectors._DETECTORS["sink"] = FAKES["sink"]
     sys.exit(main(sys.argv[1:]))

@@ -169,8 +169,8 @@ def test_refuses_to_replace_a_directory_that_is_not_a_report(tmp_path, fake_regi
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
-def _torchrun(nproc: int, out: Path, extra: list[str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE)}
+def _torchrun(nproc: int, out: Path, extra: list[str], **env_extra) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE), **env_extra}
     cmd = [str(VENV_BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(HERE / "cli_fake_detectors.py"),
            "rank", "--out", str(out), *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
@@ -209,6 +209,27 @@ def test_two_processes_match_one(tmp_path, shared_model, monkeypatch):
         # float32 losses: the processes run with 1 thread, this one with 2 (another reduction order).
         np.testing.assert_allclose(a["validation"][kind]["top_k_damage"], b["validation"][kind]["top_k_damage"],
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_match_one_shipped_sink(tmp_path, shared_model):
+    """The shipped sink detector under torchrun: alpha and extra-sink sums merged, sink-token counts
+    gathered in prompt order; same as one process."""
+    pytest.importorskip("headscope.circuits.detect_sink")
+    settings = ["--detectors", "sink", "--seq-len", "16", "--n-prompts", "3", "--batch-size", "1", "--top-k", "2",
+                "--n-random", "1", "--quiet", "--config", str(tmp_path / "s.toml")]
+    (tmp_path / "s.toml").write_text("[detectors.sink]\nvalidation_prompts = 1\ncompare_no_bos = false\n"
+                                     "sink_threshold = 0.05\nmin_queries = 2\n")
+    assert run_cli("--out", str(tmp_path / "one"), *settings) == 0
+    two = _torchrun(2, tmp_path / "two", settings, HEADSCOPE_TEST_REAL_SINK="1")
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "heads.json").read_text())
+    b = json.loads((tmp_path / "two" / "heads.json").read_text())
+    sa, sb = (pd.DataFrame(d["scores"]).set_index(["layer", "head"]).sort_index() for d in (a, b))
+    np.testing.assert_allclose(sa["score"], sb["score"], rtol=0, atol=1e-6)
+    np.testing.assert_allclose(sa["extra_sinks"], sb["extra_sinks"], rtol=0, atol=1e-9)
+    assert sa["score"].std() > 0.01 and sa["extra_sinks"].sum() > 0
+    ea, eb = a["summary"]["sink"]["extra_sinks"], b["summary"]["sink"]["extra_sinks"]
+    assert ea["top_tokens"] == eb["top_tokens"] and len(ea["top_tokens"]) > 0
 
 
 def test_rank_with_the_real_sink_and_previous_token_detectors(tmp_path, shared_model, capsys):
