@@ -171,3 +171,6 @@ def test_retrieval_detector_and_validation(model):
     assert v is not None and len(v.random_k_damage) == 2
     assert 0.5 < v.baseline <= 1.0  # validation prompts are retrieved trials
     assert re.search(r"top-8 retrieval heads", v.verdict())
+    # the causal check itself (Wu et al.'s masking): the top heads cost the needle at least twice
+    # the recall the median random 8-head set costs
+    assert v.top_k_damage >= 2 * v.random_median and v.top_k_damage > 0, v.verdict()
