@@ -30,9 +30,10 @@ def reconstruction_metrics(sae, activations: Iterable[torch.Tensor], dense_thres
     sae.eval()
     n, l0, err = 0, 0.0, 0.0
     s1, s2 = None, None
-    fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+    dev = sae.W_enc.device
+    fires = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=dev)
     for x in activations:
-        x = x.float()
+        x = x.to(dev).float()
         out = sae(x)
         f = out["f"]
         n += x.shape[0]
@@ -44,7 +45,7 @@ def reconstruction_metrics(sae, activations: Iterable[torch.Tensor], dense_thres
     if n == 0:
         raise ActivationError("no activations to evaluate on.")
     total_var = float(s2 - s1.pow(2).sum() / n)
-    density = fires.double() / n
+    density = fires.double().cpu() / n
     return {"tokens": n, "l0": l0 / n, "fvu": err / total_var, "mse": err / n,
             "dead_frac": float((fires == 0).double().mean()), "dense_frac": float((density > dense_threshold).double().mean()),
             "density": density.float()}

@@ -118,8 +118,9 @@ def train(sae: SAE, store: ActivationStore, tc: TrainConfig, *, out_dir=None, re
     sae.train()
     batches = store.batches(tc.batch_size, seed=tc.seed, start=start, mix_shards=tc.mix_shards)
     bar = tqdm(total=tc.steps, initial=start, desc=f"SAE {sae.cfg.arch}", unit="step", disable=not progress)
+    dev = sae.W_enc.device  # the store serves CPU batches; a CUDA SAE trains on the GPU
     for step in range(start, tc.steps):
-        x = next(batches)
+        x = next(batches).to(dev)
         parts = sae.loss(x, tc.sparsity_at(step))
         opt.zero_grad(set_to_none=True)
         parts["loss"].backward()
