@@ -67,6 +67,22 @@ def _scores(qk, offs_n, Sk, KbKeys_b, qk_scale, cap2, bias2, uniform,
 
 
 @triton.jit
+def _p_from_lse(q, k, offs_n, lse2, Sk, KbKeys_b, qk_scale, cap2, bias2, uniform,
+                SOFTCAP: tl.constexpr, KEY_BIAS: tl.constexpr, HAS_UNIFORM: tl.constexpr,
+                PRESCALED: tl.constexpr, PREC: tl.constexpr):
+    """Final probabilities p = exp2(s2 - lse2) of the tile q k^T [BM, BN] (second passes: colsum, pairs).
+    Rows with lse2 = +inf (they see nothing) get p = 0 without a branch."""
+    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+    s = _scores(qk, offs_n, Sk, KbKeys_b, qk_scale, cap2, bias2, uniform,
+                SOFTCAP, KEY_BIAS, HAS_UNIFORM, PRESCALED)
+    if PRESCALED:
+        d = s - lse2[:, None]
+    else:
+        d = s * qk_scale - lse2[:, None]
+    return tl.exp2(d)
+
+
+@triton.jit
 def _visible(s, offs_n, pos_m, Sk, window, KeyValid_b,
              MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KV: tl.constexpr):
     """Sets invisible (row, key) scores to -inf. Interior tiles without padding skip all of it."""
@@ -444,30 +460,26 @@ def _attn_fwd(
     kw = tl.zeros([BLOCK_M, KW], tl.float32)
     kws = tl.zeros([BLOCK_M, KW], tl.float32)
 
-    for t in range(t_lo, t_a):
-        (acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, mm, mms, nm, nms, kw, kws) = _fwd_tile(
-            t, q, K_bh, V_bh, skn, skd, svn, svd,
-            acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, mm, mms, nm, nms, kw, kws,
-            pos_m, tok_q, KeyValid_b, Tok_b, PrevTok_b, KeyW_b, KsKeys_b, KbKeys_b,
-            Sk, window, qk_scale, cap2, bias2, uniform,
-            BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, True, CAUSAL, HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS,
-            HAS_UNIFORM, KEY_SCALE, ENT, TOPK, KPAD, FAST_TOP1, MATCH, NEXT, KEYSET, KW, PRESCALED, PREC)
-    for t in range(t_a, t_b):
-        (acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, mm, mms, nm, nms, kw, kws) = _fwd_tile(
-            t, q, K_bh, V_bh, skn, skd, svn, svd,
-            acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, mm, mms, nm, nms, kw, kws,
-            pos_m, tok_q, KeyValid_b, Tok_b, PrevTok_b, KeyW_b, KsKeys_b, KbKeys_b,
-            Sk, window, qk_scale, cap2, bias2, uniform,
-            BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, False, CAUSAL, HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS,
-            HAS_UNIFORM, KEY_SCALE, ENT, TOPK, KPAD, FAST_TOP1, MATCH, NEXT, KEYSET, KW, PRESCALED, PREC)
-    for t in range(t_b, t_hi):
-        (acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, mm, mms, nm, nms, kw, kws) = _fwd_tile(
-            t, q, K_bh, V_bh, skn, skd, svn, svd,
-            acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, mm, mms, nm, nms, kw, kws,
-            pos_m, tok_q, KeyValid_b, Tok_b, PrevTok_b, KeyW_b, KsKeys_b, KbKeys_b,
-            Sk, window, qk_scale, cap2, bias2, uniform,
-            BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, True, CAUSAL, HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS,
-            HAS_UNIFORM, KEY_SCALE, ENT, TOPK, KPAD, FAST_TOP1, MATCH, NEXT, KEYSET, KW, PRESCALED, PREC)
+    # Three phases, unrolled at compile time: window-edge blocks (masked), interior (no mask), diagonal /
+    # right edge (masked).
+    for phase in tl.static_range(3):
+        if phase == 0:
+            t0 = t_lo
+            t1 = t_a
+        elif phase == 1:
+            t0 = t_a
+            t1 = t_b
+        else:
+            t0 = t_b
+            t1 = t_hi
+        for t in range(t0, t1):
+            (acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, mm, mms, nm, nms, kw, kws) = _fwd_tile(
+                t, q, K_bh, V_bh, skn, skd, svn, svd,
+                acc, acc_s, m_i, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, mm, mms, nm, nms, kw, kws,
+                pos_m, tok_q, KeyValid_b, Tok_b, PrevTok_b, KeyW_b, KsKeys_b, KbKeys_b,
+                Sk, window, qk_scale, cap2, bias2, uniform,
+                BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, phase != 1, CAUSAL, HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS,
+                HAS_UNIFORM, KEY_SCALE, ENT, TOPK, KPAD, FAST_TOP1, MATCH, NEXT, KEYSET, KW, PRESCALED, PREC)
 
     # ---- epilogue: normalise, apply ACT, write output and statistics ----
     if HAS_KV:

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_forward import NO_TOKEN_ID, _scores
+from .triton_forward import NO_TOKEN_ID, _p_from_lse
 
 _Q_SENTINEL = NO_TOKEN_ID + 1  # padded query rows: equal to no key
 _Q_SENTINEL_C = tl.constexpr(_Q_SENTINEL)
@@ -51,14 +51,8 @@ def _pair_walk(q, tq, pos_m, lse2, cs, cr, K_bh, skn, skd, PermK_b, TokK_b, KsKe
         if D_TRUE != HEAD_DIM:
             kmask = kmask & (offs_d[None, :] < D_TRUE)
         k = tl.load(K_bh + jpos[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        s = _scores(qk, jpos, Sk, KbKeys_b, qk_scale, cap2, bias2, uniform,
-                    SOFTCAP, KEY_BIAS, HAS_UNIFORM, PRESCALED)
-        if PRESCALED:
-            d = s - lse2[:, None]
-        else:
-            d = s * qk_scale - lse2[:, None]
-        p = tl.exp2(d)
+        p = _p_from_lse(q, k, jpos, lse2, Sk, KbKeys_b, qk_scale, cap2, bias2, uniform,
+                        SOFTCAP, KEY_BIAS, HAS_UNIFORM, PRESCALED, PREC)
         keep = tq[:, None] == tk[None, :]
         if STRICT:
             keep = keep & (jpos[None, :] < pos_m[:, None])
@@ -132,29 +126,25 @@ def _pair_mass_kernel(
     zero = False
     if HAS_ZERO:
         zero = tl.load(HeadMask + h) != 0
-    if MATCH:
-        acc, cnt = _pair_walk(q, tq, pos_m, lse2, cs, cr, K_bh, skn, skd, PermK1 + b64 * Sk, TokK1 + b64 * Sk,
-                              KsKeys_b, KbKeys_b, tl.load(KLo1 + b64 * n_tiles + u),
-                              tl.load(KHi1 + b64 * n_tiles + u), Sk, qk_scale, cap2, bias2, uniform, window,
-                              BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW, True, SOFTCAP,
-                              KEY_BIAS, KEY_SCALE, HAS_UNIFORM, PRESCALED, PREC)
-        _store_pairs(Out1 + srow, Count1 + b64 * Sq + rows, acc, cnt, zero, h, m_ok, HAS_ZERO)
-    if NEXT:
-        acc, cnt = _pair_walk(q, tq, pos_m, lse2, cs, cr, K_bh, skn, skd, PermK2 + b64 * Sk, TokK2 + b64 * Sk,
-                              KsKeys_b, KbKeys_b, tl.load(KLo2 + b64 * n_tiles + u),
-                              tl.load(KHi2 + b64 * n_tiles + u), Sk, qk_scale, cap2, bias2, uniform, window,
-                              BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW, False, SOFTCAP,
-                              KEY_BIAS, KEY_SCALE, HAS_UNIFORM, PRESCALED, PREC)
-        _store_pairs(Out2 + srow, Count2 + b64 * Sq + rows, acc, cnt, zero, h, m_ok, HAS_ZERO)
-
-
-@triton.jit
-def _store_pairs(OutP, CountP, acc, cnt, zero, h, m_ok, HAS_ZERO: tl.constexpr):
-    if HAS_ZERO:
-        acc = tl.where(zero, float("nan"), acc)
-    tl.store(OutP, acc, mask=m_ok)
-    if h == 0:
-        tl.store(CountP, cnt, mask=m_ok)
+    for which in tl.static_range(2):
+        if which == 0:
+            DO = MATCH
+            OutP, CountP, PermK, TokK, KLo, KHi = Out1, Count1, PermK1, TokK1, KLo1, KHi1
+        else:
+            DO = NEXT
+            OutP, CountP, PermK, TokK, KLo, KHi = Out2, Count2, PermK2, TokK2, KLo2, KHi2
+        if DO:
+            # match: j < i (strict); next_match: j <= i.
+            acc, cnt = _pair_walk(q, tq, pos_m, lse2, cs, cr, K_bh, skn, skd, PermK + b64 * Sk, TokK + b64 * Sk,
+                                  KsKeys_b, KbKeys_b, tl.load(KLo + b64 * n_tiles + u),
+                                  tl.load(KHi + b64 * n_tiles + u), Sk, qk_scale, cap2, bias2, uniform, window,
+                                  BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW, which == 0, SOFTCAP,
+                                  KEY_BIAS, KEY_SCALE, HAS_UNIFORM, PRESCALED, PREC)
+            if HAS_ZERO:
+                acc = tl.where(zero, float("nan"), acc)
+            tl.store(OutP + srow, acc, mask=m_ok)
+            if h == 0:
+                tl.store(CountP + b64 * Sq + rows, cnt, mask=m_ok)
 
 
 @triton.jit
