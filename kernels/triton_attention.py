@@ -1,13 +1,15 @@
 """`attention_triton`: host side of the fused Triton attention (kernels in triton_forward / triton_colsum).
 
-Launches, per call: the forward kernel (output + one-pass statistics), the token-count kernel when
-match / next_match are requested (counts do not depend on the head), and the colsum pass when
-colsum is requested. Semantics are those of `reference.attention_reference`, which the tests hold
-this to.
+Launches, per call: the forward kernel (output + one-pass statistics); when match / next_match are
+requested, their plan (two sorts and a range kernel) and one pair pass that writes both masses and
+their counts (`triton_match_pairs`; nothing waits on the device, so the GPU never idles behind the
+host); and the colsum pass when colsum is requested. `MATCH_PATH = "dense"` keeps match / next_match
+in the forward loop instead (with the token-count kernel), for tests and benchmarks. Semantics are
+those of `reference.attention_reference`, which the tests hold this to.
 
 Under TRITON_INTERPRET=1 (CPU CI) the kernels run in Triton's interpreter on CPU tensors with one
-small block configuration; on CUDA the forward and colsum kernels are autotuned over a few Hopper
-configurations keyed on head_dim and on whether the heavy statistics are compiled in.
+small block configuration; on CUDA the forward, pair and colsum kernels are autotuned over a few
+Hopper configurations keyed on head_dim, a coarse length bucket and (forward) the statistics' class.
 """
 
 from __future__ import annotations
