@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_forward import _floordiv, _scores
+from .triton_forward import _floordiv, _p_from_lse
 
 
 @triton.jit
@@ -40,15 +40,8 @@ def _colsum_tile(
         else:
             q = tl.load(qp)
         lse2 = tl.load(Lse2_bh + rows)
-    qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-    s = _scores(qk, offs_n, Sk, KbKeys_b, qk_scale, cap2, bias2, uniform,
-                SOFTCAP, KEY_BIAS, HAS_UNIFORM, PRESCALED)
-    if PRESCALED:
-        d = s - lse2[:, None]
-    else:
-        d = s * qk_scale - lse2[:, None]
-    # Rows that see nothing carry lse2 = +inf, so their p is exactly 0 without a branch.
-    p = tl.exp2(d)
+    p = _p_from_lse(q, k, offs_n, lse2, Sk, KbKeys_b, qk_scale, cap2, bias2, uniform,
+                    SOFTCAP, KEY_BIAS, HAS_UNIFORM, PRESCALED, PREC)
     if MASKED:
         vis = offs_n[None, :] < Sk
         if CAUSAL:
