@@ -10,6 +10,7 @@ against zero ablation on held-out text. Phases can run separately (collection is
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -74,12 +75,19 @@ def main() -> None:
 
         sae = load_sae(Path(a.out) / "final")
         # held-out text: another seed of the procedural corpus
-        rows = list(packed_batches(model.tokenizer, corpus_texts(None, seed=12345), seq_len=256, batch_size=8,
-                                   bos_id=1))
-        batches = [rows[i] for i in range(a.eval_batches)] if len(rows) >= a.eval_batches else rows
+        # the corpus stream is endless: take the first eval_batches batches
+        batches = list(itertools.islice(packed_batches(model.tokenizer, corpus_texts(None, seed=12345), seq_len=256,
+                                                       batch_size=8, bos_id=1), a.eval_batches))
         rec = reconstruction_metrics(sae, stream_activations(model, L, "z", batches))
         ce = ce_loss_recovered(model, sae, L, batches)
         attr = head_attribution(sae)
+        # dead latents in the usual sense (never fire over a window of training tokens, as SAELens'
+        # dead_feature_window): over all cached training activations
+        store = ActivationStore.open(a.acts)
+        train_rec = reconstruction_metrics(sae, (store.shard(i) for i in range(store.n_shards)))
+        rec["dead_frac_training_tokens"] = train_rec["dead_frac"]
+        rec["fvu_training_tokens"] = train_rec["fvu"]
+        rec["training_tokens"] = train_rec["tokens"]
         res = {k: v for k, v in rec.items() if k != "density"} | ce | {
             "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae, "k": sae.cfg.k, "layer": L,
             "latents_mostly_one_head": float((attr.max(-1).values > 0.5).float().mean())}
