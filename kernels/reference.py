@@ -108,11 +108,12 @@ def _row_max_argmax(s: torch.Tensor, width: int = 32) -> tuple[torch.Tensor, tor
     return m, idx
 
 
-def _chunk_probs(s: torch.Tensor, need_t: bool, top1: bool):
+def _chunk_probs(s: torch.Tensor, top1: bool, out: torch.Tensor):
     """Unnormalised softmax of a masked score block s [B, H, C, K] (invisible keys hold _NEG).
 
-    Returns (e, t, m, denom, idx): e = exp(s - m) (in place in s unless the shifted scores t are
-    needed for the entropy), row maximum m and denom = sum(e) as [B, H, C, 1], and the argmax
+    Returns (e, t, m, denom, idx): e = exp(s - m) written into `out` (a reused buffer: on CPU that
+    is faster than exp in place, and s keeps the shifted scores t = s - m that the entropy needs),
+    row maximum m and denom = sum(e) as [B, H, C, 1], and the argmax
     idx [B, H, C, 1] when `top1`. p = e / denom; callers fold 1/denom into each reduction rather
     than paying a full pass to normalise.
     """
@@ -120,12 +121,14 @@ def _chunk_probs(s: torch.Tensor, need_t: bool, top1: bool):
         m, idx = _row_max_argmax(s)
     else:
         m, idx = s.amax(dim=-1, keepdim=True), None
-    if need_t:
-        t = s.sub_(m)
-        e = torch.exp(t)
-    else:
-        t, e = None, s.sub_(m).exp_()
+    t = s.sub_(m)
+    e = torch.exp(t, out=out)
     return e, t, m, e.sum(dim=-1, keepdim=True), idx
+
+
+def _view(buf: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """A contiguous tensor of `shape` on the front of a flat buffer."""
+    return buf[:math.prod(shape)].view(shape)
 
 
 def _masked_softmax(s: torch.Tensor, vis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,6 +194,13 @@ def attention_reference(
     exact_softmax = key_scale is None and not grad
     fast_entropy = request.entropy and exact_softmax
     top1 = request.topk == 1 and exact_softmax
+    # score and probability blocks are written into two buffers reused by every chunk: fresh
+    # multi-megabyte tensors per chunk cost page faults comparable to a pass over the block
+    n_buf = 0 if grad else B * H * chunk * max(hi - lo for lo, hi in
+                                               (key_range(c0, min(Sq, c0 + chunk), Sq, Sk, causal, window)
+                                                for c0 in range(0, Sq, chunk)))
+    s_buf = torch.empty(n_buf, dtype=work, device=dev)
+    e_buf = torch.empty(n_buf, dtype=work, device=dev)
 
     for c0 in range(0, Sq, chunk):
         c1 = min(Sq, c0 + chunk)
@@ -198,15 +208,20 @@ def attention_reference(
         if hi <= lo:
             continue
         rows = torch.arange(c0, c1, device=dev) + off
-        s = torch.einsum("bhgqd,bhkd->bhgqk", qf[..., c0:c1, :], kf[:, :, lo:hi]).reshape(B, H, c1 - c0, hi - lo)
+        shape = (B, H, c1 - c0, hi - lo)
+        if grad:
+            s = torch.einsum("bhgqd,bhkd->bhgqk", qf[..., c0:c1, :], kf[:, :, lo:hi]).reshape(shape)
+        else:
+            s = _view(s_buf, (B, Hkv, G, c1 - c0, hi - lo))
+            torch.matmul(qf[..., c0:c1, :], kf[:, :, None, lo:hi].transpose(-1, -2), out=s)
+            s = s.view(shape)
         if softcap is not None:
             s = torch.tanh(s / softcap) * softcap
         if key_bias is not None:
             s = s + key_bias.bias.to(work)[None, :, None, None] * key_bias.keys[:, None, None, lo:hi].to(work)
         if uniform is not None:
             s = torch.where(uniform[None, :, None, None], torch.zeros_like(s), s)
-        needs_vis = grad or request.match or request.next_match
-        vis = visible_keys(Sq, Sk, key_valid, rows, lo, hi, causal, window)[:, None] if needs_vis else None
+        vis = visible_keys(Sq, Sk, key_valid, rows, lo, hi, causal, window)[:, None] if grad else None
 
         r = None  # p = e * r when r is set (1/denom folded into each reduction), else p = e
         if grad:
@@ -216,7 +231,7 @@ def attention_reference(
                 band = visible_keys(Sq, Sk, key_valid, rows, x0, x1, causal, window)
                 s[..., x0 - lo:x1 - lo].add_(torch.zeros(band.shape, dtype=work, device=dev)
                                              .masked_fill_(~band, _NEG)[:, None])
-            e, t, m, denom, idx = _chunk_probs(s, fast_entropy, top1)
+            e, t, m, denom, idx = _chunk_probs(s, top1, _view(e_buf, shape))
             empty = m < _EMPTY
             r = torch.where(empty, 0.0, 1.0 / denom)  # [B, H, C, 1]
             lse = torch.where(empty, -math.inf, m + denom.log()).squeeze(-1)
@@ -241,7 +256,8 @@ def attention_reference(
             entropy_topk(stats, request, e, c0, c1, lo, r)
         elif request.topk > 1:
             topk_stats(stats, request.topk, e, c0, c1, lo, r)
-        accumulate_stats(stats, request, e, vis, rows, c0, c1, lo, hi, key_valid, token_ids, keyset, first, r=r)
+        accumulate_stats(stats, request, e, rows, c0, c1, lo, hi, key_valid, token_ids, keyset, first, causal, window,
+                         r=r)
 
     if head_mask is not None and head_mask_mode == "zero":
         out[:, head_mask] = 0.0
@@ -295,7 +311,7 @@ def stats_from_probs(p: torch.Tensor, request: StatsRequest, *, causal: bool = T
         stats["lse"][:] = torch.logsumexp(scores.float().masked_fill(~vis, -math.inf), dim=-1)
     first = first_valid_key(key_valid) if request.sink_k else None
     entropy_topk(stats, request, p, 0, Sq, 0)
-    accumulate_stats(stats, request, p, vis, rows, 0, Sq, 0, Sk, key_valid, token_ids, keyset, first)
+    accumulate_stats(stats, request, p, rows, 0, Sq, 0, Sk, key_valid, token_ids, keyset, first, causal, window)
     return stats
 
 
@@ -322,26 +338,50 @@ def topk_stats(stats: dict, k: int, p: torch.Tensor, c0: int, c1: int, lo: int, 
     stats["max_prob"][:, :, c0:c1, :kk] = val
 
 
-def _token_match_mass(p: torch.Tensor, eq: torch.Tensor) -> torch.Tensor:
-    """sum_k p[b, h, c, k] * eq[b, c, k] -> [B, H, C]. Equal-token pairs are usually rare, so gather
-    just those entries instead of a full multiply-and-sum pass over the block."""
+def _token_pairs(token_ids: torch.Tensor, rows: torch.Tensor, lo: int, hi: int, key_valid: torch.Tensor,
+                 causal: bool, window: int | None, nxt: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(b, c, k) of the visible (query row c, key lo + k) pairs whose tokens match: tok_j == tok_i
+    for j < i (match) or tok_{j-1} == tok_i for 1 <= j <= i (next_match). Equal tokens are usually
+    rare, so visibility is checked on those pairs only, not as full [B, C, K] masks."""
+    tq = token_ids[:, rows]  # [B, C]
+    if nxt:
+        keys = token_ids[:, max(lo - 1, 0):hi - 1]
+        if lo == 0:  # key 0 has no previous token: give it one no query can match
+            keys = torch.cat([torch.full_like(token_ids[:, :1], torch.iinfo(token_ids.dtype).min), keys], dim=1)
+    else:
+        keys = token_ids[:, lo:hi]
+    b, c, k = (tq[:, :, None] == keys[:, None, :]).nonzero(as_tuple=True)
+    i, j = rows[c], k + lo
+    ok = (j <= i) if nxt else (j < i)
+    if nxt:
+        ok &= key_valid[b, (j - 1).clamp_min(0)]
+    if window is not None:
+        ok &= ((i - j) < window) if causal else ((i - j).abs() < window)
+    ok &= key_valid[b, j] & key_valid[b, i]  # (causality is in the definitions: j < i, j <= i)
+    return b[ok], c[ok], k[ok]
+
+
+def _pair_mass(p: torch.Tensor, b: torch.Tensor, c: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """sum over the given (b, c, k) pairs of p[b, :, c, k] -> [B, H, C]; p [B, H, C, K]."""
     B, H, C, K = p.shape
-    b, c, k = eq.nonzero(as_tuple=True)
-    if b.numel() * 8 > eq.numel():
+    if b.numel() * 8 > B * C * K:  # repetitive text: a dense pass is cheaper than the gather
+        eq = torch.zeros(B, C, K, dtype=p.dtype, device=p.device)
+        eq[b, c, k] = 1
         return (p * eq[:, None]).sum(-1)
     mass = torch.zeros(B, C, H, dtype=p.dtype, device=p.device)
     mass.index_put_((b, c), p[b, :, c, k], accumulate=True)
     return mass.permute(0, 2, 1)
 
 
-def accumulate_stats(stats: dict, request: StatsRequest, p: torch.Tensor, vis: torch.Tensor | None,
-                     rows: torch.Tensor, c0: int, c1: int, lo: int, hi: int, key_valid: torch.Tensor,
-                     token_ids: torch.Tensor | None, keyset: torch.Tensor | None, first: torch.Tensor | None,
+def accumulate_stats(stats: dict, request: StatsRequest, p: torch.Tensor, rows: torch.Tensor, c0: int, c1: int,
+                     lo: int, hi: int, key_valid: torch.Tensor, token_ids: torch.Tensor | None,
+                     keyset: torch.Tensor | None, first: torch.Tensor | None, causal: bool, window: int | None,
                      r: torch.Tensor | None = None) -> None:
     """Write the mass statistics (everything linear in p: sink, offsets, token matches, key set,
     colsum) of probability rows into the preallocated `stats`. Rows are p [B, H, C, K], or p * r
     with r [B, H, C, 1] when the caller has not normalised them; queries c0..c1-1 at absolute
-    positions `rows`, keys lo..hi-1, visibility vis [B, 1, C, K] (needed for token matches).
+    positions `rows`, keys lo..hi-1; invisible entries of p are 0 (causal / window / padding
+    only decide which token pairs are counted).
 
     Every statistic but lse is a function of p alone, so backends that only see materialised
     patterns (TransformerLens, nnsight) get their statistics from this same code.
@@ -360,21 +400,14 @@ def accumulate_stats(stats: dict, request: StatsRequest, p: torch.Tensor, vis: t
         inside = (jj >= 0) & (jj < hi - lo)
         g = p.gather(-1, jj.clamp(0, hi - lo - 1)[None, None].expand(B, H, -1, -1)) * inside[None, None]
         stats["offset_mass"][:, :, c0:c1] = g if r is None else g * r
-    if request.match or request.next_match:
-        tq = token_ids[:, rows]  # [B, C]
-        j = torch.arange(lo, hi, device=dev)
-        if request.match:
-            eq = (tq[:, :, None] == token_ids[:, None, lo:hi]) & (j[None, None, :] < rows[None, :, None])
-            eq &= vis[:, 0]
-            stats["match_mass"][:, :, c0:c1] = scaled(_token_match_mass(p, eq))
-            stats["match_count"][:, :, c0:c1] = eq.sum(-1).float()[:, None]
-        if request.next_match:
-            prev_tok = torch.cat([token_ids[:, :1], token_ids[:, :-1]], dim=1)[:, lo:hi]
-            prev_ok = torch.cat([torch.zeros_like(key_valid[:, :1]), key_valid[:, :-1]], dim=1)[:, lo:hi]
-            eq = (tq[:, :, None] == prev_tok[:, None, :]) & prev_ok[:, None, :]
-            eq &= (j[None, None, :] <= rows[None, :, None]) & vis[:, 0]
-            stats["next_match_mass"][:, :, c0:c1] = scaled(_token_match_mass(p, eq))
-            stats["next_match_count"][:, :, c0:c1] = eq.sum(-1).float()[:, None]
+    for name, wanted, nxt in (("match", request.match, False), ("next_match", request.next_match, True)):
+        if not wanted:
+            continue
+        b, c, k = _token_pairs(token_ids, rows, lo, hi, key_valid, causal, window, nxt)
+        stats[f"{name}_mass"][:, :, c0:c1] = scaled(_pair_mass(p, b, c, k))
+        count = torch.zeros(B, c1 - c0, dtype=torch.float32, device=dev)
+        count.index_put_((b, c), torch.ones_like(b, dtype=torch.float32), accumulate=True)
+        stats[f"{name}_count"][:, :, c0:c1] = count[:, None]
     if request.keyset:
         stats["keyset_mass"][:, :, c0:c1] = scaled(torch.einsum("bhck,bk->bhc", p, keyset[:, lo:hi].to(p.dtype)))
     if request.content:
