@@ -63,10 +63,15 @@ def _apply_key_scale(p: torch.Tensor, r: torch.Tensor, keys: torch.Tensor, beta:
     return torch.where(ks.bool(), p * scale_set, p * factor)
 
 
-# Finite stand-in for -inf on invisible keys: exp() still gives exactly 0, and 0 * (NEG - m) = 0
-# where -inf would give NaN, so the entropy sum needs no extra masking pass.
+# Finite stand-in for -inf on invisible keys: shifted and clamped (below) it gives exp = 1.6e-38, and
+# e * t stays finite where -inf would give NaN, so the entropy sum needs no extra masking pass.
 _NEG = -1e30
 _EMPTY = -1e29  # a row maximum below this means the row sees no key
+# Shifted scores are clamped here before exp: on CPU, exp of arguments below about -87 (results
+# that underflow into denormals, and the masked _NEG entries) takes a slow path, 5-30x the time of
+# ordinary arguments. exp(-87) = 1.6e-38 is a normal float32, below a float32 ulp of any row sum
+# (>= 1), so masses and outputs are unchanged in float32; patterns are masked back to exact zeros.
+_EXP_FLOOR = -87.0
 
 
 def _mask_bands(c0: int, c1: int, lo: int, hi: int, off: int, causal: bool, window: int | None,
@@ -121,7 +126,7 @@ def _chunk_probs(s: torch.Tensor, top1: bool, out: torch.Tensor):
         m, idx = _row_max_argmax(s)
     else:
         m, idx = s.amax(dim=-1, keepdim=True), None
-    t = s.sub_(m)
+    t = s.sub_(m).clamp_min_(_EXP_FLOOR)
     e = torch.exp(t, out=out)
     return e, t, m, e.sum(dim=-1, keepdim=True), idx
 
@@ -221,7 +226,9 @@ def attention_reference(
             s = s + key_bias.bias.to(work)[None, :, None, None] * key_bias.keys[:, None, None, lo:hi].to(work)
         if uniform is not None:
             s = torch.where(uniform[None, :, None, None], torch.zeros_like(s), s)
-        vis = visible_keys(Sq, Sk, key_valid, rows, lo, hi, causal, window)[:, None] if grad else None
+        # visibility as a mask only where exact zeros matter: autograd, patterns, top-k beyond the row max
+        need_vis = grad or pattern_heads or (request.topk and (request.topk > 1 or not exact_softmax))
+        vis = visible_keys(Sq, Sk, key_valid, rows, lo, hi, causal, window)[:, None] if need_vis else None
 
         r = None  # p = e * r when r is set (1/denom folded into each reduction), else p = e
         if grad:
@@ -248,14 +255,14 @@ def attention_reference(
         pv = pv.reshape(B, H, c1 - c0, -1)
         out[:, :, c0:c1] = pv if r is None else pv * r
         if pattern_heads:
-            ph = e[:, pattern_heads]
+            ph = e[:, pattern_heads] * vis  # exact zeros where a row cannot look
             stats["pattern"][:, :, c0:c1, lo:hi] = ph if r is None else ph * r[:, pattern_heads]
         if request.lse:
             stats["lse"][:, :, c0:c1] = lse
         if not exact_softmax:
-            entropy_topk(stats, request, e, c0, c1, lo, r)
+            entropy_topk(stats, request, e, c0, c1, lo, r, vis)
         elif request.topk > 1:
-            topk_stats(stats, request.topk, e, c0, c1, lo, r)
+            topk_stats(stats, request.topk, e * vis, c0, c1, lo, r)
         accumulate_stats(stats, request, e, rows, c0, c1, lo, hi, key_valid, token_ids, keyset, first, causal, window,
                          r=r)
 
@@ -316,15 +323,15 @@ def stats_from_probs(p: torch.Tensor, request: StatsRequest, *, causal: bool = T
 
 
 def entropy_topk(stats: dict, request: StatsRequest, p: torch.Tensor, c0: int, c1: int, lo: int,
-                 r: torch.Tensor | None = None) -> None:
+                 r: torch.Tensor | None = None, vis: torch.Tensor | None = None) -> None:
     """Entropy and top-k of probability rows p [B, H, C, K] (times r [B, H, C, 1] when given;
     queries c0..c1-1, keys from lo): the definitions. The chunked forward has cheaper exact forms
     when p is a plain softmax."""
     if request.entropy:
         pn = p if r is None else p * r
         stats["entropy"][:, :, c0:c1] = -torch.special.xlogy(pn, pn).sum(-1)
-    if request.topk:
-        topk_stats(stats, request.topk, p, c0, c1, lo, r)
+    if request.topk:  # invisible keys hold exp(_EXP_FLOOR), not 0: masked so they never rank
+        topk_stats(stats, request.topk, p if vis is None else p * vis, c0, c1, lo, r)
 
 
 def topk_stats(stats: dict, k: int, p: torch.Tensor, c0: int, c1: int, lo: int, r: torch.Tensor | None = None) -> None:
