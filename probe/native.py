@@ -95,6 +95,17 @@ def _last(t: torch.Tensor | None, Sk: int) -> torch.Tensor | None:
     return t[..., t.shape[-1] - Sk:]
 
 
+def _plain_attention_suffices(state, rec, edit, key_valid, window, softcap, causal, query, Sq, Sk) -> bool:
+    """True when this call needs no statistics and no change to the attention probabilities: no
+    recorder, at most zero-ablation or z edits, on CPU with the automatic backend, and a shape SDPA
+    handles without a mask (no padding, window or softcap; all queries at once or one decode step)."""
+    if rec is not None or query.is_cuda or (state is not None and state.backend != "auto"):
+        return False
+    if edit is not None and (edit.keys is not None or (edit.head_mask is not None and edit.head_mask_mode != "zero")):
+        return False
+    return key_valid is None and window is None and softcap is None and (Sq == Sk or Sq == 1 or not causal)
+
+
 def headscope_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function: query [B, H, Sq, D], key/value [B, Hkv, Sk, D] ->
     (output [B, Sq, H, D], None)."""
@@ -113,6 +124,17 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     rec = state.recorder if state is not None else None
     edit = state.layer_edit(layer, H) if state is not None else None
+
+    if _plain_attention_suffices(state, rec, edit, key_valid, window, kwargs.get("softcap"), causal, query, Sq, Sk):
+        # Nothing to record and no edit of the attention itself (z edits, zero ablation, or edits on
+        # other layers): transformers' own SDPA computes the same output, faster on short inputs.
+        out = torch.nn.functional.scaled_dot_product_attention(query, key, value, is_causal=causal and Sq > 1,
+                                                               scale=scaling, enable_gqa=True)
+        if edit is not None and edit.head_mask is not None:
+            out = out.masked_fill(edit.head_mask.to(out.device)[None, :, None, None], 0.0)
+        if edit is not None and edit.z_fn is not None:
+            out = edit.z_fn(out, layer)
+        return out.transpose(1, 2).contiguous(), None
 
     request = rec.request if rec is not None else _NO_STATS
     key_scale = key_bias = None

@@ -8,6 +8,7 @@ import torch
 
 from headscope.circuits.calibration import CalibrationError, accuracy, calibrate, sink_keys
 from headscope.kernels import KeyBias, KeyScale, StatsRequest, attention
+from headscope.probe import LayerEdit
 from headscope.probe.errors import HeadIndexError
 
 
@@ -75,13 +76,17 @@ def test_beta_one_changes_nothing_and_model_restored(model, batch):
     heads = [(l, h) for l in (3, 10) for h in range(model.meta.n_heads)]
     with torch.no_grad():
         before = model.hf(**batch).logits
-        with model.record():  # the same attention arithmetic, no edit
+        # the same attention arithmetic on the calibrated layers (the exact chunked path, reached by
+        # a uniform-mode mask of no heads), transformers' SDPA on the others, as under calibrate()
+        noop = {l: LayerEdit(head_mask=torch.zeros(model.meta.n_heads, dtype=torch.bool), head_mask_mode="uniform")
+                for l in (3, 10)}
+        with model.edit_attention(noop):
             plain = model.hf(**batch).logits
         with calibrate(model, heads, batch, beta=1.0) as used:
             same = model.hf(**batch).logits
         after = model.hf(**batch).logits
     assert any(u.any() for u in used.values()), "the prompt should have non-BOS sinks"
-    torch.testing.assert_close(same, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(same, plain, atol=1e-6, rtol=0)
     assert torch.equal(before, after) and model.state.edits == {}
 
 

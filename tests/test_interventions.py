@@ -121,3 +121,30 @@ def test_bad_input(model):
     with pytest.raises(InputError, match="shape"):
         with mean_ablate(model, [(0, 1)], {0: torch.zeros(3, 3)}):
             pass
+
+
+def test_sdpa_shortcut_equals_exact_path(model, monkeypatch):
+    """Edits that leave the attention probabilities alone (zero ablation, z edits) run on
+    transformers' SDPA when nothing is recorded; the exact chunked path must give the same logits."""
+    import headscope.probe.native as native
+
+    ids = torch.randint(1000, 20000, (2, 40), generator=torch.Generator().manual_seed(0))
+    ids[:, 0] = 1
+    calls = []
+    real = native._plain_attention_suffices
+    monkeypatch.setattr(native, "_plain_attention_suffices", lambda *a: calls.append(real(*a)) or calls[-1])
+    with torch.no_grad():
+        plain = model.hf(input_ids=ids).logits
+        with ablate_heads(model, [(3, 0), (3, 4), (11, 2)]):
+            fast = model.hf(input_ids=ids).logits
+        assert calls and all(calls)  # every layer took the shortcut
+        calls.clear()
+        model.state.backend = "torch"
+        try:
+            with ablate_heads(model, [(3, 0), (3, 4), (11, 2)]):
+                exact = model.hf(input_ids=ids).logits
+        finally:
+            model.state.backend = "auto"
+        assert calls and not any(calls)
+    assert (fast - plain).abs().max() > 1e-2  # the ablation did something
+    torch.testing.assert_close(fast, exact, atol=1e-4, rtol=0)
