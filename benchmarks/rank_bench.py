@@ -157,6 +157,15 @@ def write_section(text: str) -> None:
     path.write_text(old.rstrip("\n") + "\n\n" + text.rstrip("\n") + "\n")
 
 
+def run_lines(title: str, wall_line: str, run: dict) -> list[str]:
+    """RESULTS lines for one `headscope rank` run: title, wall time, per-stage times, verdicts."""
+    t = run["run"]["timing"]
+    lines = [title, "", wall_line,
+             "- per stage (s): " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in t.items()), ""]
+    lines += [f"- {kind}: {v['verdict']}" for kind, v in run["heads"]["validation"].items()]
+    return lines + [""]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tl-worker", help=argparse.SUPPRESS)
@@ -180,14 +189,9 @@ def main() -> None:
         args.skip_default = True
     if not args.skip_default:
         full = headscope_rank(tmp / "full")
-        t = full["run"]["timing"]
-        lines += ["### 1. `headscope rank` with defaults (all detectors, causal checks), model cache present", "",
-                  f"- wall time of the command: **{full['wall_s']:.1f} s** (target < 180 s); peak RSS "
-                  f"{full.get('peak_rss_mib', float('nan')):.0f} MiB",
-                  "- per stage (s): " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in t.items()), ""]
-        for kind, v in full["heads"]["validation"].items():
-            lines.append(f"- {kind}: {v['verdict']}")
-        lines.append("")
+        lines += run_lines("### 1. `headscope rank` with defaults (all detectors, causal checks), model cache present",
+                           f"- wall time of the command: **{full['wall_s']:.1f} s** (target < 180 s); peak RSS "
+                           f"{full.get('peak_rss_mib', float('nan')):.0f} MiB", full)
         if args.write:
             write_section("\n".join(lines + ["(parts 2-3 still running)"]))
     if not args.long_only:
@@ -196,14 +200,9 @@ def main() -> None:
             write_section("\n".join(lines))
     if not args.skip_long:
         long = headscope_rank(tmp / "long", "--seq-len", "8192", "--detectors", "retrieval,sink")
-        t = long["run"]["timing"]
-        lines += ["### 3. `headscope rank --seq-len 8192 --detectors retrieval,sink`", "",
-                  f"- completes: wall **{long['wall_s']:.0f} s**, peak RSS **{long.get('peak_rss_mib', float('nan')) / 1024:.2f} GiB** "
-                  f"(machine: 24 GB)",
-                  "- per stage (s): " + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in t.items()), ""]
-        for kind, v in long["heads"]["validation"].items():
-            lines.append(f"- {kind}: {v['verdict']}")
-        lines.append("")
+        lines += run_lines("### 3. `headscope rank --seq-len 8192 --detectors retrieval,sink`",
+                           f"- completes: wall **{long['wall_s']:.0f} s**, peak RSS "
+                           f"**{long.get('peak_rss_mib', float('nan')) / 1024:.2f} GiB** (machine: 24 GB)", long)
     text = "\n".join(lines)
     print(text)
     if args.write:

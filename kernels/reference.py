@@ -116,8 +116,8 @@ def _row_max_argmax(s: torch.Tensor, width: int = 32) -> tuple[torch.Tensor, tor
 def _chunk_probs(s: torch.Tensor, top1: bool, out: torch.Tensor):
     """Unnormalised softmax of a masked score block s [B, H, C, K] (invisible keys hold _NEG).
 
-    Returns (e, t, m, denom, idx): e = exp(s - m) written into `out` (a reused buffer: on CPU that
-    is faster than exp in place, and s keeps the shifted scores t = s - m that the entropy needs),
+    Returns (e, t, m, denom, idx): e = exp(t) written into `out` (a reused buffer: on CPU that is
+    faster than exp in place), where t = max(s - m, _EXP_FLOOR) is left in s for the entropy,
     row maximum m and denom = sum(e) as [B, H, C, 1], and the argmax
     idx [B, H, C, 1] when `top1`. p = e / denom; callers fold 1/denom into each reduction rather
     than paying a full pass to normalise.
@@ -201,9 +201,7 @@ def attention_reference(
     top1 = request.topk == 1 and exact_softmax
     # score and probability blocks are written into two buffers reused by every chunk: fresh
     # multi-megabyte tensors per chunk cost page faults comparable to a pass over the block
-    n_buf = 0 if grad else B * H * chunk * max(hi - lo for lo, hi in
-                                               (key_range(c0, min(Sq, c0 + chunk), Sq, Sk, causal, window)
-                                                for c0 in range(0, Sq, chunk)))
+    n_buf = 0 if grad else B * H * min(chunk, Sq) * Sk  # no chunk sees more than Sk keys
     s_buf = torch.empty(n_buf, dtype=work, device=dev)
     e_buf = torch.empty(n_buf, dtype=work, device=dev)
 
