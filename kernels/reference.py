@@ -56,9 +56,12 @@ def _apply_key_scale(p: torch.Tensor, r: torch.Tensor, keys: torch.Tensor, beta:
     ks = (keys[:, None, None, :] if keys.dim() == 2 else keys[:, :, None, :]).to(p.dtype)
     S = (p * ks).sum(-1, keepdim=True) * r
     b = beta.to(p.dtype)[None, :, None, None]
-    rest = 1.0 - S
+    # The rest mass summed on its own: 1 - S cancels when S is near 1, and the factor divides by it
+    # (float32 masses were off by 1e-2 on peaked rows).
+    rest = (p * (1.0 - ks)).sum(-1, keepdim=True) * r
     guard = rest <= SCALE_GUARD
-    factor = torch.where(guard, torch.ones_like(S), (1.0 - b * S) / torch.where(guard, torch.ones_like(rest), rest))
+    # (1 - b S) / rest written as 1 + (1 - b) S / rest (S + rest = 1): exactly 1 when b = 1
+    factor = torch.where(guard, torch.ones_like(S), 1.0 + (1.0 - b) * S / torch.where(guard, torch.ones_like(rest), rest))
     scale_set = torch.where(guard, torch.ones_like(S), b)
     return torch.where(ks.bool(), p * scale_set, p * factor)
 

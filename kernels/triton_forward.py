@@ -191,15 +191,20 @@ def _fwd_tile(
         else:
             pd = p * d
     if KEY_SCALE:
+        # Under ACT, l_i and ent hold the parts off the key set (the epilogue adds the set parts):
+        # the rest mass 1 - S then needs no subtraction, which lost precision when S was near 1.
         inset = tl.load(KsKeys_b + offs_n, mask=offs_n < Sk, other=0) != 0
         p_set = tl.where(inset[None, :], p, 0.0)
         p_rest = tl.where(inset[None, :], 0.0, p)
         if ENT:
             ents = alpha * (ents + shift * ls_i) + tl.sum(tl.where(inset[None, :], pd, 0.0), 1)
+            ent = alpha * (ent + shift * l_i) + tl.sum(tl.where(inset[None, :], 0.0, pd), 1)
         ls_i = ls_i * alpha + tl.sum(p_set, 1)
-    if ENT:
-        ent = alpha * (ent + shift * l_i) + tl.sum(pd, 1)
-    l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + tl.sum(p_rest, 1)
+    else:
+        if ENT:
+            ent = alpha * (ent + shift * l_i) + tl.sum(pd, 1)
+        l_i = l_i * alpha + tl.sum(p, 1)
 
     if D_TRUE != HEAD_DIM:
         vmask = offs_d[None, :] < D_TRUE
@@ -238,9 +243,11 @@ def _fwd_tile(
         else:
             w1 = tl.load(KeyW_b + offs_n)
         col0 = tl.arange(0, KW)[None, :] == 0
-        kw = kw * alpha[:, None] + tl.where(col0, tl.sum(p * w1[None, :], 1)[:, None], 0.0)
         if KEY_SCALE:
+            kw = kw * alpha[:, None] + tl.where(col0, tl.sum(p_rest * w1[None, :], 1)[:, None], 0.0)
             kws = kws * alpha[:, None] + tl.where(col0, tl.sum(p_set * w1[None, :], 1)[:, None], 0.0)
+        else:
+            kw = kw * alpha[:, None] + tl.where(col0, tl.sum(p * w1[None, :], 1)[:, None], 0.0)
 
     if TOPK > 0 and not FAST_TOP1:
         if KEY_SCALE:
@@ -259,9 +266,11 @@ def _fwd_tile(
         eq = tok_q[:, None] == tk[None, :]
         if MASKED or not CAUSAL:
             eq = eq & (offs_n[None, :] < pos_m[:, None])
-        mm = mm * alpha + tl.sum(tl.where(eq, p, 0.0), 1)
         if KEY_SCALE:
+            mm = mm * alpha + tl.sum(tl.where(eq, p_rest, 0.0), 1)
             mms = mms * alpha + tl.sum(tl.where(eq, p_set, 0.0), 1)
+        else:
+            mm = mm * alpha + tl.sum(tl.where(eq, p, 0.0), 1)
     if NEXT:
         # PrevTok[j] = tok[j - 1], or NO_TOKEN where key j - 1 is padding or absent (built on the host).
         if MASKED:
@@ -271,9 +280,11 @@ def _fwd_tile(
         eqn = tok_q[:, None] == tp[None, :]
         if not CAUSAL:
             eqn = eqn & (offs_n[None, :] <= pos_m[:, None])
-        nm = nm * alpha + tl.sum(tl.where(eqn, p, 0.0), 1)
         if KEY_SCALE:
+            nm = nm * alpha + tl.sum(tl.where(eqn, p_rest, 0.0), 1)
             nms = nms * alpha + tl.sum(tl.where(eqn, p_set, 0.0), 1)
+        else:
+            nm = nm * alpha + tl.sum(tl.where(eqn, p, 0.0), 1)
     return (acc, acc_s, m_new, l_i, ls_i, ent, ents, top1, tv, ti, tvs, tis, mm, mms, nm, nms, kw, kws)
 
 
@@ -295,20 +306,29 @@ def _key_visible(j, pos_m, Sk, window, KeyValid_b, CAUSAL: tl.constexpr, HAS_WIN
 
 
 @triton.jit
-def _offset_prob(q, K_bh, skn, skd, j, pos_m, lse2, Sk, window, KeyValid_b, KbKeys_b,
+def _offset_prob(Q_rows, sqd, row_ok, K_bh, skn, skd, j, pos_m, lse2, Sk, window, KeyValid_b, KbKeys_b,
                  qk_scale, cap2, bias2, uniform,
                  HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
                  HAS_KV: tl.constexpr, SOFTCAP: tl.constexpr, KEY_BIAS: tl.constexpr,
                  HAS_UNIFORM: tl.constexpr):
     """p_{i, j_i} [BM] for one key j_i per row, recomputed from q, k_j and the final base-2 lse (one
-    gathered key row per query row: the loop needs no offset code). 0 where the key is hidden."""
+    gathered key row per query row: the loop needs no offset code). 0 where the key is hidden.
+
+    q is re-read from global memory (Q_rows [BM] row pointers) in 16-column chunks: keeping the
+    [BM, D] q tile live through the loop for this, as a float32 product, cost the whole kernel ~55
+    registers and one resident program per SM."""
     ok = _key_visible(j, pos_m, Sk, window, KeyValid_b, CAUSAL, HAS_WINDOW, HAS_KV)
-    offs_d = tl.arange(0, HEAD_DIM)
-    kmask = ok[:, None]
-    if D_TRUE != HEAD_DIM:
-        kmask = kmask & (offs_d[None, :] < D_TRUE)
-    kj = tl.load(K_bh + j[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
-    qk = tl.sum(q.to(tl.float32) * kj.to(tl.float32), 1)
+    qk = tl.zeros_like(lse2)
+    for c in tl.static_range(HEAD_DIM // 16):
+        offs_d = c * 16 + tl.arange(0, 16)
+        qmask = row_ok[:, None]
+        kmask = ok[:, None]
+        if D_TRUE != HEAD_DIM:
+            qmask = qmask & (offs_d[None, :] < D_TRUE)
+            kmask = kmask & (offs_d[None, :] < D_TRUE)
+        qc = tl.load(Q_rows[:, None] + offs_d[None, :] * sqd, mask=qmask, other=0.0)
+        kc = tl.load(K_bh + j[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
+        qk += tl.sum(qc.to(tl.float32) * kc.to(tl.float32), 1)
     if SOFTCAP:
         s = _tanh(qk * qk_scale) * cap2
     else:
@@ -321,17 +341,12 @@ def _offset_prob(q, K_bh, skn, skd, j, pos_m, lse2, Sk, window, KeyValid_b, KbKe
 
 
 @triton.jit
-def _combine(tot, part, cset, crest):
-    """ACT mass: beta on the set part, (1 - beta S)/(1 - S) on the rest."""
-    return cset * part + crest * (tot - part)
-
-
-@triton.jit
-def _mass(tot, part, cset, crest, inv_l, KEY_SCALE: tl.constexpr):
-    """A running mass normalised by l; under ACT, part is its share on the key set."""
+def _mass(acc, part, cset, crest, inv_l, KEY_SCALE: tl.constexpr):
+    """A running mass normalised by l. Under ACT, acc is the share off the key set and part the share
+    on it (summed apart, so no subtraction cancels): beta on the set, (1 - beta S)/(1 - S) on the rest."""
     if KEY_SCALE:
-        tot = _combine(tot, part, cset, crest)
-    return tot * inv_l
+        acc = cset * part + crest * acc
+    return acc * inv_l
 
 
 @triton.jit
@@ -383,8 +398,8 @@ def _attn_fwd(
     qmask = row_ok[:, None]
     if D_TRUE != HEAD_DIM:
         qmask = qmask & (offs_d[None, :] < D_TRUE)
-    q = tl.load(Q + b64 * sqb + h.to(tl.int64) * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
-                mask=qmask, other=0.0)
+    Q_rows = Q + b64 * sqb + h.to(tl.int64) * sqh + rows * sqm
+    q = tl.load(Q_rows[:, None] + offs_d[None, :] * sqd, mask=qmask, other=0.0)
     K_bh = K + b64 * skb + hk.to(tl.int64) * skh
     V_bh = V + b64 * svb + hk.to(tl.int64) * svh
     kb_off = b64 * Sk
@@ -486,6 +501,9 @@ def _attn_fwd(
         q_ok = tl.load(KeyValid_b + pos_m, mask=row_ok, other=0) != 0
     else:
         q_ok = row_ok
+    if KEY_SCALE:
+        l_rest = l_i
+        l_i = ls_i + l_rest
     valid = q_ok & (l_i > 0)
     inv_l = tl.where(valid, 1.0 / tl.where(valid, l_i, 1.0), 0.0)
     log2l = tl.log2(tl.where(valid, l_i, 1.0))
@@ -493,10 +511,10 @@ def _attn_fwd(
     if KEY_SCALE:
         beta = tl.load(KsBeta + h).to(tl.float32)
         S = ls_i * inv_l
-        rest = 1.0 - S
+        rest = l_rest * inv_l
         guard = rest <= 1e-6
         cset = tl.where(guard, 1.0, beta)
-        crest = tl.where(guard, 1.0, (1.0 - beta * S) / tl.where(guard, 1.0, rest))
+        crest = tl.where(guard, 1.0, 1.0 + (1.0 - beta) * S / tl.where(guard, 1.0, rest))  # (1 - beta S) / rest
         out = (acc_s * cset[:, None] + acc * crest[:, None]) * inv_l[:, None]
     else:
         cset = inv_l  # unused without ACT
@@ -524,7 +542,7 @@ def _attn_fwd(
     if ENT:
         if KEY_SCALE:
             xs = 0.6931471805599453 * (ents * inv_l - S * log2l)
-            xr = 0.6931471805599453 * ((ent - ents) * inv_l - rest * log2l)
+            xr = 0.6931471805599453 * (ent * inv_l - rest * log2l)  # ent: the rest part under ACT
             v_ent = -(S * _xlogx(cset) + rest * _xlogx(crest)) - (cset * xs + crest * xr)
         else:
             v_ent = 0.6931471805599453 * (log2l - ent * inv_l)
@@ -582,7 +600,7 @@ def _attn_fwd(
             sk_hi = tl.where(zero_head, sk_lo, sk_hi)
         v = tl.zeros([BLOCK_M], tl.float32)
         for jj in range(sk_lo, sk_hi):
-            pj = _offset_prob(q, K_bh, skn, skd, tl.zeros([BLOCK_M], tl.int32) + jj, pos_m, lse2_p, Sk, window,
+            pj = _offset_prob(Q_rows, sqd, row_ok, K_bh, skn, skd, tl.zeros([BLOCK_M], tl.int32) + jj, pos_m, lse2_p, Sk, window,
                               KeyValid_b, KbKeys_b, qk_scale, cap2, bias2, uniform, HEAD_DIM, D_TRUE, CAUSAL,
                               HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS, HAS_UNIFORM)
             if KEY_SCALE:
@@ -592,7 +610,7 @@ def _attn_fwd(
     if NOFF > 0:
         for o in tl.static_range(NOFF):
             tgt = pos_m - tl.load(Offs + o)
-            po = _offset_prob(q, K_bh, skn, skd, tgt, pos_m, lse2_p, Sk, window, KeyValid_b, KbKeys_b,
+            po = _offset_prob(Q_rows, sqd, row_ok, K_bh, skn, skd, tgt, pos_m, lse2_p, Sk, window, KeyValid_b, KbKeys_b,
                               qk_scale, cap2, bias2, uniform, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW, HAS_KV,
                               SOFTCAP, KEY_BIAS, HAS_UNIFORM)
             if KEY_SCALE:
@@ -610,8 +628,6 @@ def _attn_fwd(
         wcol = tl.arange(0, KW)[None, :] == 0
         km = tl.sum(tl.where(wcol, kw, 0.0), 1)
         kms = tl.sum(tl.where(wcol, kws, 0.0), 1)
-        if KEY_SCALE and KW >= 16:
-            km = km + kms  # the tensor-core path splits p into rest / set; the per-element one sums all
         _store_row(KsetO + srow, _mass(km, kms, cset, crest, inv_l, KEY_SCALE), valid, zero_head, row_ok,
                    HAS_ZERO)
 
