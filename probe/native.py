@@ -137,26 +137,24 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
                                                                scale=scaling, enable_gqa=True)
         if edit is not None and edit.head_mask is not None:
             out = out.masked_fill(edit.head_mask.to(out.device)[None, :, None, None], 0.0)
-        if edit is not None and edit.z_fn is not None:
-            out = edit.z_fn(out, layer)
-        return out.transpose(1, 2).contiguous(), None
-
-    request = rec.request if rec is not None else _NO_STATS
-    key_scale = key_bias = None
-    if edit is not None and edit.keys is not None:
-        keys = _last(edit.keys.to(query.device), Sk)
-        if edit.key_scale_beta is not None:
-            key_scale = KeyScale(edit.key_scale_beta.to(query.device, torch.float32), keys)
-        if edit.key_bias is not None:
-            key_bias = KeyBias(edit.key_bias.to(query.device, torch.float32), keys)
-    out, stats = attention(
-        query, key, value, causal=causal, sm_scale=scaling, window=window, softcap=kwargs.get("softcap"),
-        attention_mask=key_valid, token_ids=rec.key_tokens(Sk) if rec is not None and request.needs_tokens else None,
-        keyset=rec.key_set(Sk) if rec is not None and request.keyset else None, stats=request,
-        head_mask=edit.head_mask.to(query.device) if edit is not None and edit.head_mask is not None else None,
-        head_mask_mode=edit.head_mask_mode if edit is not None else "zero", key_scale=key_scale, key_bias=key_bias,
-        pattern_heads=rec.pattern_heads_for(layer) if rec is not None else None,
-        backend=state.backend if state is not None else "auto")
+    else:
+        request = rec.request if rec is not None else _NO_STATS
+        key_scale = key_bias = None
+        if edit is not None and edit.keys is not None:
+            keys = _last(edit.keys.to(query.device), Sk)
+            if edit.key_scale_beta is not None:
+                key_scale = KeyScale(edit.key_scale_beta.to(query.device, torch.float32), keys)
+            if edit.key_bias is not None:
+                key_bias = KeyBias(edit.key_bias.to(query.device, torch.float32), keys)
+        out, stats = attention(
+            query, key, value, causal=causal, sm_scale=scaling, window=window, softcap=kwargs.get("softcap"),
+            attention_mask=key_valid,
+            token_ids=rec.key_tokens(Sk) if rec is not None and request.needs_tokens else None,
+            keyset=rec.key_set(Sk) if rec is not None and request.keyset else None, stats=request,
+            head_mask=edit.head_mask.to(query.device) if edit is not None and edit.head_mask is not None else None,
+            head_mask_mode=edit.head_mask_mode if edit is not None else "zero", key_scale=key_scale, key_bias=key_bias,
+            pattern_heads=rec.pattern_heads_for(layer) if rec is not None else None,
+            backend=state.backend if state is not None else "auto")
     if edit is not None and edit.z_fn is not None:
         out = edit.z_fn(out, layer)
     if rec is not None:
