@@ -73,7 +73,7 @@ def compile_fwd(flags: dict, bm: int, bn: int, warps: int, stages: int, dim: int
                           options=dict(num_warps=warps, num_stages=stages))
 
 
-def sass_report(k) -> str:
+def sass_report(k, top_n: int = 12) -> str:
     bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(k.asm["cubin"])
@@ -100,7 +100,7 @@ def sass_report(k) -> str:
                             if op:
                                 key = op.group(1).split(".")[0]
                                 ops[key] = ops.get(key, 0) + 1
-                        top = sorted(ops.items(), key=lambda x: -x[1])[:12]
+                        top = sorted(ops.items(), key=lambda x: -x[1])[:top_n]
                         loops.append(f"loop @{tgt:#x}: {len(body)} instr; " + " ".join(f"{a}:{b}" for a, b in top))
     return f"{res}, total {len(lines)} instr\n  " + "\n  ".join(loops)
 
@@ -110,11 +110,12 @@ def main():
     ap.add_argument("--variant", default="out,all")
     ap.add_argument("--tile", default="128,64,4,3")
     ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--top", type=int, default=12, help="opcodes listed per loop")
     a = ap.parse_args()
     bm, bn, w, s = (int(x) for x in a.tile.split(","))
     for v in a.variant.split(","):
         k = compile_fwd(VARIANTS[v], bm, bn, w, s, a.dim)
-        print(f"[{v}] d{a.dim} {bm}x{bn} w{w} s{s}: {sass_report(k)}", flush=True)
+        print(f"[{v}] d{a.dim} {bm}x{bn} w{w} s{s}: {sass_report(k, a.top)}", flush=True)
 
 
 if __name__ == "__main__":

@@ -78,6 +78,12 @@ def _inputs(c: dict, seed: int):
     # Scores of spread ~ qscale: peaked rows (large) and flat rows (small) both occur.
     q = torch.randn(B, H, Sq, D, generator=g) * c.get("qscale", 1.5)
     k = torch.randn(B, Hkv, Sk, D, generator=g)
+    if c.get("kgrow"):
+        # Key norms rising over the first half, then flat: row maxima jump tile after tile, then
+        # creep up by less than the rescale threshold.
+        grow = torch.linspace(0.2, c["kgrow"], Sk)
+        grow[Sk // 2:] = grow[Sk // 2]
+        k = k * grow[:, None]
     v = torch.randn(B, Hkv, Sk, D, generator=g)
     kw: dict = dict(causal=c.get("causal", True), window=c.get("window"), softcap=c.get("softcap"))
     pad = c.get("pad")
@@ -225,6 +231,12 @@ def test_uneven_tiles(tiles, monkeypatch):
     run_case(dict(name=f"tiles{tiles}_causal", B=1, H=2, Hkv=1, Sq=50, Sk=61, D=64, window=23, pad="left"))
     run_case(dict(name=f"tiles{tiles}_noncausal", B=1, H=2, Hkv=1, Sq=45, Sk=45, D=64, causal=False,
                   window=20, key_scale=True))
+
+
+def test_rising_row_maxima():
+    """Row maxima that jump tile after tile, then creep: every accumulator is rescaled many times."""
+    for extra in (dict(), dict(key_scale=True, window=20), dict(pad="left", causal=False)):
+        run_case(dict(name="rising_maxima", B=2, H=2, Hkv=1, Sq=48, Sk=48, D=64, kgrow=6.0, **extra))
 
 
 @pytest.mark.parametrize("topk", [3, 5])

@@ -1,0 +1,121 @@
+"""Forward tile configs side by side in one run (GPU): which (BLOCK_M, BLOCK_N, warps, stages) the
+autotune table should offer.
+
+For each head_dim, length and config, the forward is forced to that config (autotune
+bypassed) and two calls are timed: (a) output only and (b) every one-pass statistic (the benchmark's
+request, sparse match path, so (b) includes the pair pass and sorts, which do not depend on the
+config). Registers and spills come from the compiled kernel of this Triton. SDPA flash is timed on
+the same inputs. bf16, causal, MHA, B x H as in kernel_bench.py.
+
+Usage (GPU):  python3 benchmarks/kernel_tiles.py [--dims 64,128] [--seqs 4096,16384]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from headscope.kernels import StatsRequest
+from headscope.kernels import triton_attention as ta
+from headscope.kernels.triton_forward import _attn_fwd
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernel_bench import HIDDEN, TOKENS, timeit  # noqa: E402
+from kernel_tokens import zipf_ids  # noqa: E402
+
+CANDIDATES = {
+    64: [(64, 64, 4, 3), (64, 128, 4, 2), (64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3)],
+    128: [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 3)],
+}
+
+
+class Forced:
+    """Stands in for the autotuned forward: launches `_attn_fwd` with one config, keeps the kernel."""
+
+    def __init__(self, bm, bn, w, s):
+        self.cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+        self.kernel = None
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.kernel = _attn_fwd[grid](*args, **kw, **self.cfg)
+        return launch
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dims", default="64,128")
+    ap.add_argument("--seqs", default="4096,16384")
+    a = ap.parse_args()
+    print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}", flush=True)
+    req_b = StatsRequest.all(topk=1, sink_k=1, offsets=(1,), keyset=True, colsum=False)
+    tuned = ta._fwd_tuned
+    rows = []
+    t_start = time.perf_counter()
+    for D in (int(x) for x in a.dims.split(",")):
+        H = HIDDEN // D
+        for S in (int(x) for x in a.seqs.split(",")):
+            B = max(1, TOKENS // S)
+            g = torch.Generator(device="cuda").manual_seed(S * 1000 + D)
+            q, k, v = (torch.randn(B, H, S, D, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            tok = zipf_ids(B, S, g, "cuda")
+            kset = torch.rand(B, S, generator=g, device="cuda") < 0.05
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                t_flash = timeit(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            ref = {}
+            for cfg in CANDIDATES[D]:
+                forced = Forced(*cfg)
+                ta._fwd_tuned = forced
+                r = dict(D=D, S=S, cfg=cfg, t_flash=t_flash)
+                try:
+                    for tag, req, kw in (("a", StatsRequest(), {}), ("b", req_b, dict(token_ids=tok, keyset=kset))):
+                        fn = lambda: ta.attention_triton(q, k, v, causal=True, request=req, **kw)  # noqa: E731
+                        out, st = fn()
+                        r[f"regs_{tag}"] = forced.kernel.n_regs
+                        r[f"spills_{tag}"] = forced.kernel.n_spills
+                        r[f"t_{tag}"] = timeit(fn)
+                        # Every variant must give the same numbers as the first (same inputs).
+                        if tag not in ref:
+                            ref[tag] = (out, st)
+                        else:
+                            o0, s0 = ref[tag]
+                            r[f"dout_{tag}"] = ((out.float() - o0.float()).norm() / o0.float().norm()).item()
+                            r[f"dstat_{tag}"] = max(
+                                ((st[n].float() - s0[n].float()).abs().nan_to_num(0).max().item()
+                                 for n in st if n not in ("argmax", "match_count", "next_match_count")),
+                                default=0.0)
+                except Exception as exc:  # a config that does not compile here is reported, not fatal
+                    r["err"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+                rows.append(r)
+                print(json.dumps(r), flush=True)
+            ta._fwd_tuned = tuned
+            del q, k, v, ref
+            torch.cuda.empty_cache()
+    print(f"wall {time.perf_counter() - t_start:.0f} s")
+    print("ms per call; TFLOP/s; b/flash; regs/spills of (b); max |diff| to the first variant (out rel., stats abs.)")
+    print(f"{'D':>4} {'S':>6} {'config':>16} | {'t_a':>7} {'t_b':>7} {'flash':>7} | {'TF a':>5} {'TF b':>5}"
+          f" {'b/fl':>5} | {'regs':>9} | {'d out':>8} {'d stat':>8}")
+    for r in rows:
+        if "err" in r:
+            print(f"{r['D']:>4} {r['S']:>6} {str(r['cfg']):>16} | {r['err']}")
+            continue
+        flops = 4 * max(1, TOKENS // r["S"]) * (HIDDEN // r["D"]) * r["S"] ** 2 * r["D"] / 2
+        tf = lambda t: flops / t / 1e9  # noqa: E731
+        print(f"{r['D']:>4} {r['S']:>6} {str(r['cfg']):>16} | {r['t_a']:7.3f} {r['t_b']:7.3f} "
+              f"{r['t_flash']:7.3f} | {tf(r['t_a']):5.0f} {tf(r['t_b']):5.0f} {r['t_flash'] / r['t_b']:5.2f} | "
+              f"{r['regs_b']:>4}/{r['spills_b']:<4} | {r.get('dout_b', 0):8.1e} {r.get('dstat_b', 0):8.1e}")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "kernel_tiles.json"), "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
