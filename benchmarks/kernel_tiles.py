@@ -7,7 +7,7 @@ request, sparse match path, so (b) includes the pair pass and sorts, which do no
 config). Registers and spills come from the compiled kernel of this Triton. SDPA flash is timed on
 the same inputs. bf16, causal, MHA, B x H as in kernel_bench.py.
 
-Usage (GPU):  python3 benchmarks/kernel_tiles.py [--dims 64,128] [--seqs 4096,16384]
+Usage (GPU):  python3 benchmarks/kernel_tiles.py [--dims 64,128] [--seqs 4096,16384] [--pair]
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from headscope.kernels import StatsRequest
 from headscope.kernels import triton_attention as ta
 from headscope.kernels.triton_forward import _attn_fwd
+from headscope.kernels.triton_match_pairs import _pair_mass_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_bench import HIDDEN, TOKENS, timeit  # noqa: E402
@@ -50,13 +51,65 @@ class Forced:
         return launch
 
 
+def pair_sweep(dims, seqs, req_b):
+    """The pair pass's query tile (BLOCK_M, which also sets the plan's tiles) and warps: (b) timed
+    whole with the forward autotuned as usual, the pair kernel alone from the profiler."""
+    tiles, tuned = ta._pair_tiles, ta._pair_tuned
+    print("pair pass: BLOCK_M, warps | (b) ms | pair kernel ms | b/flash", flush=True)
+    for D in dims:
+        H = HIDDEN // D
+        for S in seqs:
+            B = max(1, TOKENS // S)
+            g = torch.Generator(device="cuda").manual_seed(S * 1000 + D)
+            q, k, v = (torch.randn(B, H, S, D, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+            tok = zipf_ids(B, S, g, "cuda")
+            kset = torch.rand(B, S, generator=g, device="cuda") < 0.05
+            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+                t_flash = timeit(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            first = None
+            for bm in (32, 64, 128):
+                for warps in (4, 8):
+                    ta._pair_tiles = lambda interp, bm=bm: (bm, 64)
+                    ta._pair_tuned = triton.autotune(
+                        configs=[triton.Config({"BLOCK_N": bn}, num_warps=warps, num_stages=st)
+                                 for bn in (32, 64) for st in (2, 3, 4)],
+                        key=["HEAD_DIM", "PREC", "MATCH", "NEXT", "LEN_BUCKET"])(_pair_mass_kernel)
+                    fn = lambda: ta.attention_triton(q, k, v, causal=True, request=req_b, token_ids=tok,  # noqa: E731
+                                                     keyset=kset)
+                    try:
+                        out, st = fn()
+                        t_b = timeit(fn)
+                        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                            for _ in range(5):
+                                fn()
+                            torch.cuda.synchronize()
+                        t_pair = sum(e.device_time_total for e in prof.key_averages()
+                                     if "_pair_mass" in e.key) / 5e3
+                        if first is None:
+                            first = st
+                        diff = max((st[n] - first[n]).abs().nan_to_num(0).max().item()
+                                   for n in ("match_mass", "next_match_mass"))
+                        print(f"  d{D} S={S} BLOCK_M={bm:<3d} warps={warps} | {t_b:7.3f} | {t_pair:7.3f} | "
+                              f"{t_flash / t_b:5.2f} | match diff {diff:.1e}", flush=True)
+                    except Exception as exc:
+                        print(f"  d{D} S={S} BLOCK_M={bm} warps={warps}: {type(exc).__name__}: {str(exc)[:200]}",
+                              flush=True)
+            del q, k, v
+            torch.cuda.empty_cache()
+    ta._pair_tiles, ta._pair_tuned = tiles, tuned
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--seqs", default="4096,16384")
+    ap.add_argument("--pair", action="store_true", help="sweep the pair pass's tile instead of the forward's")
     a = ap.parse_args()
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}", flush=True)
     req_b = StatsRequest.all(topk=1, sink_k=1, offsets=(1,), keyset=True, colsum=False)
+    if a.pair:
+        pair_sweep([int(x) for x in a.dims.split(",")], [int(x) for x in a.seqs.split(",")], req_b)
+        return
     tuned = ta._fwd_tuned
     rows = []
     t_start = time.perf_counter()
