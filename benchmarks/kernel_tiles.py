@@ -51,21 +51,26 @@ class Forced:
         return launch
 
 
+def problem(D: int, S: int):
+    """The benchmark's inputs (as kernel_bench.py: B x S = 16k tokens, H x D = 2048) and SDPA flash's time."""
+    B, H = max(1, TOKENS // S), HIDDEN // D
+    g = torch.Generator(device="cuda").manual_seed(S * 1000 + D)
+    q, k, v = (torch.randn(B, H, S, D, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    tok = zipf_ids(B, S, g, "cuda")
+    kset = torch.rand(B, S, generator=g, device="cuda") < 0.05
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        t_flash = timeit(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+    return q, k, v, tok, kset, t_flash
+
+
 def pair_sweep(dims, seqs, req_b):
     """The pair pass's query tile (BLOCK_M, which also sets the plan's tiles) and warps: (b) timed
     whole with the forward autotuned as usual, the pair kernel alone from the profiler."""
     tiles, tuned = ta._pair_tiles, ta._pair_tuned
     print("pair pass: BLOCK_M, warps | (b) ms | pair kernel ms | b/flash", flush=True)
     for D in dims:
-        H = HIDDEN // D
         for S in seqs:
-            B = max(1, TOKENS // S)
-            g = torch.Generator(device="cuda").manual_seed(S * 1000 + D)
-            q, k, v = (torch.randn(B, H, S, D, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            tok = zipf_ids(B, S, g, "cuda")
-            kset = torch.rand(B, S, generator=g, device="cuda") < 0.05
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                t_flash = timeit(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            q, k, v, tok, kset, t_flash = problem(D, S)
             first = None
             for bm in (32, 64, 128):
                 for warps in (4, 8):
@@ -114,15 +119,8 @@ def main():
     rows = []
     t_start = time.perf_counter()
     for D in (int(x) for x in a.dims.split(",")):
-        H = HIDDEN // D
         for S in (int(x) for x in a.seqs.split(",")):
-            B = max(1, TOKENS // S)
-            g = torch.Generator(device="cuda").manual_seed(S * 1000 + D)
-            q, k, v = (torch.randn(B, H, S, D, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-            tok = zipf_ids(B, S, g, "cuda")
-            kset = torch.rand(B, S, generator=g, device="cuda") < 0.05
-            with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-                t_flash = timeit(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
+            q, k, v, tok, kset, t_flash = problem(D, S)
             ref = {}
             for cfg in CANDIDATES[D]:
                 forced = Forced(*cfg)
