@@ -80,7 +80,7 @@ def _inputs(c: dict, seed: int):
     k = torch.randn(B, Hkv, Sk, D, generator=g)
     if c.get("kgrow"):
         # Key norms rising over the first half, then flat: row maxima jump tile after tile, then
-        # creep up by less than the rescale threshold.
+        # creep up by small steps.
         grow = torch.linspace(0.2, c["kgrow"], Sk)
         grow[Sk // 2:] = grow[Sk // 2]
         k = k * grow[:, None]
