@@ -60,19 +60,26 @@ def eager(q, k, v, scale):
     return torch.matmul(p, v)
 
 
+def bench_inputs(D: int, S: int, seed: int):
+    """One benchmark problem, bf16 on the GPU: q, k, v [B, H, S, D] (B x S = TOKENS, H x D = HIDDEN),
+    Zipf token ids [B, S] and a 5% key set [B, S]."""
+    B, H = max(1, TOKENS // S), HIDDEN // D
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k, v = (torch.randn(B, H, S, D, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    tok = zipf_ids(B, S, g, "cuda")
+    kset = torch.rand(B, S, generator=g, device="cuda") < 0.05
+    return q, k, v, tok, kset
+
+
 def run(dims, seqs) -> list[dict]:
     rows = []
-    dev = "cuda"
     all_stats = StatsRequest.all(topk=1, sink_k=1, offsets=(1,), keyset=True, colsum=False)
     for D in dims:
         H = HIDDEN // D
         eager_oom = False
         for S in seqs:
             B = max(1, TOKENS // S)
-            g = torch.Generator(device=dev).manual_seed(S * 1000 + D)
-            q, k, v = (torch.randn(B, H, S, D, generator=g, device=dev, dtype=torch.bfloat16) for _ in range(3))
-            tok = zipf_ids(B, S, g, dev)
-            kset = torch.rand(B, S, generator=g, device=dev) < 0.05
+            q, k, v, tok, kset = bench_inputs(D, S, S * 1000 + D)
             scale = 1.0 / math.sqrt(D)
             flops = 4 * B * H * S * S * D / 2
             # Fewest bytes: read q, k, v, write out (bf16); stats add 4-8 bytes per row each.
@@ -202,10 +209,7 @@ def breakdown(dims, S=16384) -> str:
     lines = [f"Cumulative statistics cost, causal bf16, S={S}, batch {B} (ms; TFLOP/s; x of output-only):"]
     for D in dims:
         H = HIDDEN // D
-        g = torch.Generator(device="cuda").manual_seed(7 + D)
-        q, k, v = (torch.randn(B, H, S, D, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        tok = zipf_ids(B, S, g, "cuda")
-        kset = torch.rand(B, S, generator=g, device="cuda") < 0.05
+        q, k, v, tok, kset = bench_inputs(D, S, 7 + D)
         flops = 4 * B * H * S * S * D / 2
         base = None
         for name, req, *mod in BREAKDOWN:

@@ -29,8 +29,7 @@ from headscope.kernels.triton_forward import _attn_fwd
 from headscope.kernels.triton_match_pairs import _pair_mass_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_bench import HIDDEN, TOKENS, timeit  # noqa: E402
-from kernel_tokens import zipf_ids  # noqa: E402
+from kernel_bench import HIDDEN, TOKENS, bench_inputs, timeit  # noqa: E402
 
 CANDIDATES = {
     64: [(64, 64, 4, 3), (64, 128, 4, 2), (64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3)],
@@ -53,11 +52,7 @@ class Forced:
 
 def problem(D: int, S: int):
     """The benchmark's inputs (as kernel_bench.py: B x S = 16k tokens, H x D = 2048) and SDPA flash's time."""
-    B, H = max(1, TOKENS // S), HIDDEN // D
-    g = torch.Generator(device="cuda").manual_seed(S * 1000 + D)
-    q, k, v = (torch.randn(B, H, S, D, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    tok = zipf_ids(B, S, g, "cuda")
-    kset = torch.rand(B, S, generator=g, device="cuda") < 0.05
+    q, k, v, tok, kset = bench_inputs(D, S, S * 1000 + D)
     with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
         t_flash = timeit(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))
     return q, k, v, tok, kset, t_flash
