@@ -69,6 +69,12 @@ class Validation:
         return float(np.median(self.random_k_damage)) if self.random_k_damage else float("nan")
 
     @property
+    def control_median(self) -> float:
+        """Median damage of the random head sets on the control behaviour (nan without a control)."""
+        r = self.control["random_k_damage"] if self.control else []
+        return float(np.median(r)) if len(r) else float("nan")
+
+    @property
     def passed(self) -> bool:
         """Top heads do more damage than the median random set."""
         return bool(self.top_k_damage > self.random_median)
@@ -87,7 +93,7 @@ class Validation:
         if self.control:
             c = self.control
             text += (f" Control ({c['metric']}): the same top heads do {c['top_k_damage']:.4g} vs median "
-                     f"{float(np.median(c['random_k_damage'])):.4g} for the random sets.")
+                     f"{self.control_median:.4g} for the random sets.")
         return text
 
     def to_dict(self) -> dict:
@@ -97,7 +103,7 @@ class Validation:
              "notes": self.notes}
         if self.control:
             d["control"] = {**self.control, "random_k_damage_all": [float(x) for x in self.control["random_k_damage"]],
-                            "random_k_damage": float(np.median(self.control["random_k_damage"]))}
+                            "random_k_damage": self.control_median}
         return d
 
 

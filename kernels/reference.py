@@ -388,8 +388,9 @@ def accumulate_stats(stats: dict, request: StatsRequest, p: torch.Tensor, rows: 
     """Write the mass statistics (everything linear in p: sink, offsets, token matches, key set,
     colsum) of probability rows into the preallocated `stats`. Rows are p [B, H, C, K], or p * r
     with r [B, H, C, 1] when the caller has not normalised them; queries c0..c1-1 at absolute
-    positions `rows`, keys lo..hi-1; invisible entries of p are 0 (causal / window / padding
-    only decide which token pairs are counted).
+    positions `rows`, keys lo..hi-1; invisible entries of p are 0, or exp(_EXP_FLOOR) times 1/denom
+    in the chunked forward, below a float32 ulp of any mass (causal / window / padding only decide
+    which token pairs are counted).
 
     Every statistic but lse is a function of p alone, so backends that only see materialised
     patterns (TransformerLens, nnsight) get their statistics from this same code.

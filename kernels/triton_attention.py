@@ -342,13 +342,14 @@ def attention_triton(
         sets = []
         for name in ("match_mass", "next_match_mass"):
             if name in plans:
-                perm_q, sorted_q, perm_k, sorted_k, k_lo, k_hi = plans[name]
+                _, _, perm_k, sorted_k, k_lo, k_hi = plans[name]
                 counts[name] = empty(B, Sq)
                 sets.append((stats[name], counts[name], perm_k, sorted_k, k_lo, k_hi))
             else:
                 sets.append((dummy_f, dummy_f, tok, tok, tok, tok))
         n_tiles = triton.cdiv(Sq, _pair_tiles(interp)[0])
-        pair_args = (q, k, lse2_int, coef_int, perm_q, sorted_q, *sets[0], *sets[1],
+        # Both plans sort the same query rows (sq): one (perm_q, sorted_q) serves both statistics.
+        pair_args = (q, k, lse2_int, coef_int, *sq, *sets[0], *sets[1],
                      *q.stride(), *k.stride(), H, G, Sq, Sk, OFF, qk_scale, cap2, int(window or 0), n_tiles,
                      kb_keys, kb_bias, ks_keys, hmask)
         pair_flags = dict(

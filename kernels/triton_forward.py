@@ -600,9 +600,10 @@ def _attn_fwd(
             sk_hi = tl.where(zero_head, sk_lo, sk_hi)
         v = tl.zeros([BLOCK_M], tl.float32)
         for jj in range(sk_lo, sk_hi):
-            pj = _offset_prob(Q_rows, sqd, row_ok, K_bh, skn, skd, tl.zeros([BLOCK_M], tl.int32) + jj, pos_m, lse2_p, Sk, window,
-                              KeyValid_b, KbKeys_b, qk_scale, cap2, bias2, uniform, HEAD_DIM, D_TRUE, CAUSAL,
-                              HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS, HAS_UNIFORM)
+            j = tl.zeros([BLOCK_M], tl.int32) + jj
+            pj = _offset_prob(Q_rows, sqd, row_ok, K_bh, skn, skd, j, pos_m, lse2_p, Sk, window, KeyValid_b, KbKeys_b,
+                              qk_scale, cap2, bias2, uniform, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW, HAS_KV,
+                              SOFTCAP, KEY_BIAS, HAS_UNIFORM)
             if KEY_SCALE:
                 pj = pj * tl.where(tl.load(KsKeys_b + jj) != 0, cset, crest)
             v += pj
