@@ -181,11 +181,13 @@ def check_case(c: dict, seed: int) -> dict:
 
 
 CASES = [
-    # match / next_match paths (MATCH_PATH auto = the pair pass, for every case; 'dense' = in the loop):
+    # match / next_match paths (MATCH_PATH auto: the pair pass above DENSE_MATCH_MAX_SCORES scores, else
+    # in the loop; 'sparse' / 'dense' force one; the table's last column says which ran):
     dict(name="bf16 d64 causal zipf50k S=32k", B=1, H=2, Hkv=1, Sq=32768, Sk=32768, D=64, vocab="zipf"),
     dict(name="bf16 d128 zipf50k window pad Sq=64 Sk=16k", B=2, H=4, Hkv=2, Sq=64, Sk=16384, D=128,
-         vocab="zipf", window=3000, pad="left"),
-    dict(name="bf16 d64 one repeated token (pairs = dense) S=8k", B=1, H=2, Hkv=1, Sq=8192, Sk=8192, D=64, vocab=1),
+         vocab="zipf", window=3000, pad="left", match_path="sparse"),
+    dict(name="bf16 d64 one repeated token (pairs = dense) S=8k", B=1, H=2, Hkv=1, Sq=8192, Sk=8192, D=64, vocab=1,
+         match_path="sparse"),
     dict(name="bf16 d64 zipf50k forced dense S=16k", B=1, H=2, Hkv=1, Sq=16384, Sk=16384, D=64, vocab="zipf",
          match_path="dense"),
     dict(name="bf16 d128 vocab3 forced sparse ks+bias S=4k", B=1, H=4, Hkv=2, Sq=4096, Sk=4096, D=128,

@@ -7,7 +7,7 @@ request, sparse match path, so (b) includes the pair pass and sorts, which do no
 config). Registers and spills come from the compiled kernel of this Triton. SDPA flash is timed on
 the same inputs. bf16, causal, MHA, B x H as in kernel_bench.py.
 
-Usage (GPU):  python3 benchmarks/kernel_tiles.py [--dims 64,128] [--seqs 4096,16384] [--pair]
+Usage (GPU):  python3 benchmarks/kernel_tiles.py [--dims 64,128] [--seqs 4096,16384] [--pair | --paths]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from headscope.kernels.triton_match_pairs import _pair_mass_kernel
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_bench import HIDDEN, TOKENS, bench_inputs, timeit  # noqa: E402
+from kernel_tokens import zipf_ids  # noqa: E402
 
 CANDIDATES = {
     64: [(64, 64, 4, 3), (64, 128, 4, 2), (64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3)],
@@ -99,14 +100,60 @@ def pair_sweep(dims, seqs, req_b):
     ta._pair_tiles, ta._pair_tuned = tiles, tuned
 
 
+def wall_ms(fn, calls: int = 50) -> float:
+    """Wall time per call of `calls` back-to-back calls: the host's share included (short inputs)."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / calls * 1e3
+
+
+def path_sweep(req_b):
+    """match / next_match by the pair pass (sorts, plan, pair kernel) against the dense in-loop path
+    (one count kernel), wall time per call with the host included, at short lengths: on the
+    benchmark's shape (B x S = 16k tokens, 32 heads) and on the embedded model's (B 1, 9 heads,
+    3 kv heads), d64."""
+    print("match path: shape S | wall ms pair pass | wall ms dense | GPU ms pair / dense | max diff", flush=True)
+    for shape in ("bench", "model"):
+        for S in (128, 256, 512, 1024, 2048, 4096, 8192):
+            if shape == "bench":
+                q, k, v, tok, kset = bench_inputs(64, S, S + 3)
+            else:
+                g = torch.Generator(device="cuda").manual_seed(S)
+                q = torch.randn(1, 9, S, 64, generator=g, device="cuda", dtype=torch.bfloat16)
+                k, v = (torch.randn(1, 3, S, 64, generator=g, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+                tok = zipf_ids(1, S, g, "cuda")
+                kset = torch.rand(1, S, generator=g, device="cuda") < 0.05
+            fn = lambda: ta.attention_triton(q, k, v, causal=True, request=req_b, token_ids=tok,  # noqa: E731
+                                             keyset=kset)
+            res = {}
+            for path in ("sparse", "dense"):
+                ta.MATCH_PATH = path
+                out, st = fn()
+                res[path] = (wall_ms(fn), timeit(fn), st)
+            ta.MATCH_PATH = "auto"
+            diff = max((res["sparse"][2][n] - res["dense"][2][n]).abs().nan_to_num(0).max().item()
+                       for n in ("match_mass", "next_match_mass", "match_count", "next_match_count"))
+            print(f"  {shape:5s} S={S:<5d} | {res['sparse'][0]:7.3f} | {res['dense'][0]:7.3f} | "
+                  f"{res['sparse'][1]:7.3f} / {res['dense'][1]:7.3f} | {diff:.1e}", flush=True)
+            del q, k, v
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dims", default="64,128")
     ap.add_argument("--seqs", default="4096,16384")
     ap.add_argument("--pair", action="store_true", help="sweep the pair pass's tile instead of the forward's")
+    ap.add_argument("--paths", action="store_true", help="pair pass against dense match path at short lengths")
     a = ap.parse_args()
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}", flush=True)
     req_b = StatsRequest.all(topk=1, sink_k=1, offsets=(1,), keyset=True, colsum=False)
+    if a.paths:
+        path_sweep(req_b)
+        return
     if a.pair:
         pair_sweep([int(x) for x in a.dims.split(",")], [int(x) for x in a.seqs.split(",")], req_b)
         return

@@ -1,11 +1,11 @@
 """`attention_triton`: host side of the fused Triton attention (kernels in triton_forward / triton_colsum).
 
 Launches, per call: the forward kernel (output + one-pass statistics); when match / next_match are
-requested, their plan (two sorts and a range kernel) and one pair pass that writes both masses and
-their counts (`triton_match_pairs`; nothing waits on the device, so the GPU never idles behind the
-host); and the colsum pass when colsum is requested. `MATCH_PATH = "dense"` keeps match / next_match
-in the forward loop instead (with the token-count kernel), for tests and benchmarks. Semantics are
-those of `reference.attention_reference`, which the tests hold this to.
+requested on a large problem, their plan (two sorts and a range kernel) and one pair pass that writes
+both masses and their counts (`triton_match_pairs`; nothing waits on the device, so the GPU never
+idles behind the host), on a small one the comparisons in the forward loop and a token-count kernel
+(`MATCH_PATH`, `DENSE_MATCH_MAX_SCORES`); and the colsum pass when colsum is requested. Semantics
+are those of `reference.attention_reference`, which the tests hold this to.
 
 Under TRITON_INTERPRET=1 (CPU CI) the kernels run in Triton's interpreter on CPU tensors with one
 small block configuration; on CUDA the forward, pair and colsum kernels are autotuned over a few
@@ -117,9 +117,15 @@ POISON_OUTPUTS = False
 # relaunches the last colsum pass (same inputs, same lse) so the second pass can be timed alone.
 # Off by default: the closure holds q, k and the buffers alive.
 KEEP_COLSUM_LAUNCH = False
-# match / next_match path: "auto" = "sparse" (the pair pass after the forward, no host sync), or
-# "dense" (in the forward loop: tests and benchmarks run both; the numbers are the same sums).
+# match / next_match path: "sparse" = the pair pass after the forward (sorts, plan, pair kernel; no
+# host sync), "dense" = in the forward loop (one count kernel), "auto" = dense up to
+# DENSE_MATCH_MAX_SCORES scores (B x H x Sq x Sk), the pair pass above. Both give the same sums.
+# Measured on H200 (KERNEL_NOTES.md log 29, d64, wall time per call): the pair pass's fixed host cost
+# (two sorts, three launches: ~0.3-0.6 ms) outweighs the dense path's per-score work up to ~1.1e9 scores
+# (2k tokens x 32 heads x batch 8: 1.04 ms dense vs 1.15 pair pass), not from ~2.1e9 (4k x 32 x 4: 1.83
+# vs 1.38); the embedded model's shape (9 heads) stays dense up to ~12k tokens.
 MATCH_PATH = "auto"
+DENSE_MATCH_MAX_SCORES = 1_400_000_000
 last_match_paths: dict[str, str] = {}
 last_colsum_launch = None
 
@@ -278,7 +284,8 @@ def attention_triton(
     plans: dict[str, tuple] = {}
     last_match_paths.clear()
     wanted = [n for n, w in (("match_mass", request.match), ("next_match_mass", request.next_match)) if w]
-    if wanted and (Sq == 0 or MATCH_PATH == "dense"):
+    dense_auto = MATCH_PATH == "auto" and B * H * Sq * Sk <= DENSE_MATCH_MAX_SCORES
+    if wanted and (Sq == 0 or MATCH_PATH == "dense" or dense_auto):
         last_match_paths.update({n: "dense" for n in wanted})
     elif wanted:
         tq = query_tokens(tok, key_valid, Sq)

@@ -9,9 +9,10 @@ from the forward's saved base-2 lse (the same recomputation as the colsum pass, 
 included) and summing it where the tokens are equal and the pair is visible. Each row's pairs all
 lie in its program's key range, so each row is written once, no atomics.
 
-`attention_triton` always takes this path for match / next_match (the dense in-kernel statistic is
-kept for tests and benchmarks, `MATCH_PATH = "dense"`); both compute the same sums of the same
-probabilities. Nothing here waits for the device: the plan (two sorts and a binary-search kernel) is
+`attention_triton` takes this path for match / next_match on problems above
+`DENSE_MATCH_MAX_SCORES` scores; below it the fixed host cost of the sorts and launches is larger
+than the dense in-loop comparisons (`MATCH_PATH` forces either). Both compute the same sums of the
+same probabilities. Nothing here waits for the device: the plan (two sorts and a binary-search kernel) is
 queued behind the forward. The walk is bounded whatever the text: a tile visits at most Sk keys
 (at most twice the dense causal score count, one repeated token: the identity order, i.e. the dense
 pass); on text (Zipf ids) it is ~2% of the causal scores.

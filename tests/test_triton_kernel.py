@@ -384,18 +384,20 @@ def test_sparse_match_with_every_statistic_and_uneven_tiles(monkeypatch):
 
 
 def test_match_path_auto_and_agreement(monkeypatch):
-    """auto takes the pair pass for text-like ids and for one repeated token (its sorted walk is then
-    the dense causal pass, in key order); forcing the in-loop dense path gives the same numbers."""
+    """auto takes the in-loop dense path up to DENSE_MATCH_MAX_SCORES scores (B x H x Sq x Sk) and the
+    pair pass above, for text-like ids and for one repeated token (its sorted walk is then the dense
+    causal pass, in key order); the two give the same numbers."""
     c = dict(name="choice", B=2, H=2, Hkv=1, Sq=96, Sk=96, D=64, pad="left")
+    scores = 2 * 2 * 96 * 96
     for vocab in (10000, 1):
-        _, auto = run_case(dict(c, name=f"auto_vocab{vocab}", vocab=vocab), request=MATCH_ONLY, seed=7 + vocab)
+        monkeypatch.setattr(ta, "DENSE_MATCH_MAX_SCORES", scores - 1)
+        _, pairs = run_case(dict(c, name=f"auto_vocab{vocab}", vocab=vocab), request=MATCH_ONLY, seed=7 + vocab)
         assert ta.last_match_paths == {"match_mass": "sparse", "next_match_mass": "sparse"}
-        monkeypatch.setattr(ta, "MATCH_PATH", "dense")
-        _, forced = run_case(dict(c, name=f"dense_vocab{vocab}", vocab=vocab), request=MATCH_ONLY, seed=7 + vocab)
+        monkeypatch.setattr(ta, "DENSE_MATCH_MAX_SCORES", scores)
+        _, dense = run_case(dict(c, name=f"dense_vocab{vocab}", vocab=vocab), request=MATCH_ONLY, seed=7 + vocab)
         assert ta.last_match_paths == {"match_mass": "dense", "next_match_mass": "dense"}
         for name in ("match_mass", "next_match_mass", "match_count", "next_match_count"):
-            torch.testing.assert_close(auto[name], forced[name], rtol=0, atol=1e-5)
-        monkeypatch.setattr(ta, "MATCH_PATH", "auto")
+            torch.testing.assert_close(pairs[name], dense[name], rtol=0, atol=1e-5)
 
 
 def test_pair_plan_ranges_match_searchsorted():
