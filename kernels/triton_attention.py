@@ -120,12 +120,13 @@ KEEP_COLSUM_LAUNCH = False
 # match / next_match path: "sparse" = the pair pass after the forward (sorts, plan, pair kernel; no
 # host sync), "dense" = in the forward loop (one count kernel), "auto" = dense up to
 # DENSE_MATCH_MAX_SCORES scores (B x H x Sq x Sk), the pair pass above. Both give the same sums.
-# Measured on H200 (KERNEL_NOTES.md log 29, d64, wall time per call): the pair pass's fixed host cost
-# (two sorts, three launches: ~0.3-0.6 ms) outweighs the dense path's per-score work up to ~1.1e9 scores
-# (2k tokens x 32 heads x batch 8: 1.04 ms dense vs 1.15 pair pass), not from ~2.1e9 (4k x 32 x 4: 1.83
-# vs 1.38); the embedded model's shape (9 heads) stays dense up to ~12k tokens.
+# Measured on H200 (KERNEL_NOTES.md log 29, wall time per call, host included): the pair pass's fixed
+# cost (two sorts, three launches, ~0.4 ms) outweighs the dense path's per-score work up to ~6e8
+# scores at d64 and d128 (dense 0.36-0.63 ms vs 0.65-0.75 ms; equal at 5.4e8, d128), not from ~7.5e8
+# (d128 3k tokens x 16 heads x 5: 0.96 vs 0.89 ms); the embedded model's shape (9 heads, batch 1) stays
+# dense up to 8k tokens (0.88 vs 1.10 ms at 8k).
 MATCH_PATH = "auto"
-DENSE_MATCH_MAX_SCORES = 1_400_000_000
+DENSE_MATCH_MAX_SCORES = 650_000_000
 last_match_paths: dict[str, str] = {}
 last_colsum_launch = None
 
