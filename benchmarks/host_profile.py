@@ -2,8 +2,10 @@
 
 The GPU is kept busy (`torch.cuda._sleep`) so that no launch waits for the device: the time until
 the call returns is then host work alone. Few calls per measurement: past ~1000 queued launches
-the launch itself blocks (a (b) call queues a few tens of kernels, with the sorts). cProfile over the same calls lists the functions that
-take it. S = 1024, bf16, causal, B x H as in kernel_bench.py.
+the launch itself blocks (a (b) call queues a few tens of kernels, with the sorts). cProfile over
+the same calls lists the functions that take it. S = 1024, bf16, causal, B x H as in kernel_bench.py.
+Measured (run 25 / 25b, H200): output only 0.155 ms, + score statistics 0.275 ms, (b) on the pair
+pass ~0.9 ms per call.
 
 Usage (GPU):  python3 benchmarks/host_profile.py [--calls 10] [--top 25]
 """

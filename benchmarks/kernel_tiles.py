@@ -5,7 +5,9 @@ For each head_dim, length and config, the forward is forced to that config (auto
 bypassed) and two calls are timed: (a) output only and (b) every one-pass statistic (the benchmark's
 request, sparse match path, so (b) includes the pair pass and sorts, which do not depend on the
 config). Registers and spills come from the compiled kernel of this Triton. SDPA flash is timed on
-the same inputs. bf16, causal, MHA, B x H as in kernel_bench.py.
+the same inputs. bf16, causal, MHA, B x H as in kernel_bench.py. `--pair` sweeps the pair pass's
+tile instead; `--paths` times the pair pass against the dense in-loop match path at short lengths
+(wall time, host included), which sets `DENSE_MATCH_MAX_SCORES`.
 
 Usage (GPU):  python3 benchmarks/kernel_tiles.py [--dims 64,128] [--seqs 4096,16384] [--pair | --paths]
 """

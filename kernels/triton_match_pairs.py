@@ -12,8 +12,8 @@ lie in its program's key range, so each row is written once, no atomics.
 `attention_triton` takes this path for match / next_match on problems above
 `DENSE_MATCH_MAX_SCORES` scores; below it the fixed host cost of the sorts and launches is larger
 than the dense in-loop comparisons (`MATCH_PATH` forces either). Both compute the same sums of the
-same probabilities. Nothing here waits for the device: the plan (two sorts and a binary-search kernel) is
-queued behind the forward. The walk is bounded whatever the text: a tile visits at most Sk keys
+same probabilities. Nothing here waits for the device: the plan (two sorts and a binary-search
+kernel) is queued behind the forward. The walk is bounded whatever the text: a tile visits at most Sk keys
 (at most twice the dense causal score count, one repeated token: the identity order, i.e. the dense
 pass); on text (Zipf ids) it is ~2% of the causal scores.
 """
