@@ -102,36 +102,6 @@ def pair_sweep(dims, seqs, req_b):
     ta._pair_tiles, ta._pair_tuned = tiles, tuned
 
 
-def hpp_sweep(dims, seqs, req_b):
-    """Pair programs that walk 1, 2, 4 or 8 heads (PAIR_HEADS_PER_PROGRAM), alternated: (b) whole and
-    the pair kernel alone (profiler)."""
-    print("pair pass heads per program | (b) ms | pair kernel ms | b/flash | max diff", flush=True)
-    for D in dims:
-        for S in seqs:
-            q, k, v, tok, kset, t_flash = problem(D, S)
-            first = None
-            for hpp in (1, 2, 4, 8, 1, 4):
-                ta.PAIR_HEADS_PER_PROGRAM = hpp
-                fn = lambda: ta.attention_triton(q, k, v, causal=True, request=req_b, token_ids=tok,  # noqa: E731
-                                                 keyset=kset)
-                out, st = fn()
-                t_b = timeit(fn)
-                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                    for _ in range(5):
-                        fn()
-                    torch.cuda.synchronize()
-                t_pair = sum(e.device_time_total for e in prof.key_averages() if "_pair_mass" in e.key) / 5e3
-                if first is None:
-                    first = st
-                diff = max((st[n] - first[n]).abs().nan_to_num(0).max().item()
-                           for n in ("match_mass", "next_match_mass", "match_count", "next_match_count"))
-                print(f"  d{D} S={S} heads/program={hpp} | {t_b:7.3f} | {t_pair:7.3f} | {t_flash / t_b:5.2f} | "
-                      f"{diff:.1e}", flush=True)
-            del q, k, v
-            torch.cuda.empty_cache()
-    ta.PAIR_HEADS_PER_PROGRAM = 1
-
-
 def wall_ms(fn, calls: int = 50) -> float:
     """Wall time per call of `calls` back-to-back calls: the host's share included (short inputs)."""
     fn()
@@ -183,13 +153,9 @@ def main():
     ap.add_argument("--seqs", default="4096,16384")
     ap.add_argument("--pair", action="store_true", help="sweep the pair pass's tile instead of the forward's")
     ap.add_argument("--paths", action="store_true", help="pair pass against dense match path at short lengths")
-    ap.add_argument("--hpp", action="store_true", help="heads per pair program")
     a = ap.parse_args()
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}", flush=True)
     req_b = StatsRequest.all(topk=1, sink_k=1, offsets=(1,), keyset=True, colsum=False)
-    if a.hpp:
-        hpp_sweep([int(x) for x in a.dims.split(",")], [int(x) for x in a.seqs.split(",")], req_b)
-        return
     if a.paths:
         path_sweep([int(x) for x in a.dims.split(",")], [int(x) for x in a.seqs.split(",")], req_b)
         return

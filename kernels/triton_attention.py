@@ -99,7 +99,7 @@ _fwd_tuned = triton.autotune(
 # at 4k: 0.23 ms per statistic with one 64-key stage), so deeper pipelines are tried.
 _pair_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn}, num_warps=4, num_stages=st) for bn in (32, 64) for st in (2, 3, 4)],
-    key=["HEAD_DIM", "PREC", "MATCH", "NEXT", "HPP", "LEN_BUCKET"],
+    key=["HEAD_DIM", "PREC", "MATCH", "NEXT", "LEN_BUCKET"],
 )(_pair_mass_kernel) if not _interpreting() else None
 _colsum_tuned = triton.autotune(
     configs=_configs(_COLSUM_CONFIGS), key=["HEAD_DIM", "PREC", "LEN_BUCKET"],
@@ -126,7 +126,6 @@ KEEP_COLSUM_LAUNCH = False
 # (d128 3k tokens x 16 heads x 5: 0.96 vs 0.89 ms); the embedded model's shape (9 heads, batch 1) stays
 # dense up to 8k tokens (0.88 vs 1.10 ms at 8k).
 MATCH_PATH = "auto"
-PAIR_HEADS_PER_PROGRAM = 1  # heads walked by one pair program (the largest divisor of H up to this)
 DENSE_MATCH_MAX_SCORES = 650_000_000
 last_match_paths: dict[str, str] = {}
 last_colsum_launch = None
@@ -357,7 +356,6 @@ def attention_triton(
             else:
                 sets.append((dummy_f, dummy_f, tok, tok, tok, tok))
         n_tiles = triton.cdiv(Sq, _pair_tiles(interp)[0])
-        hpp = max(d for d in range(1, PAIR_HEADS_PER_PROGRAM + 1) if H % d == 0)
         # Both plans sort the same query rows (sq): one (perm_q, sorted_q) serves both statistics.
         pair_args = (q, k, lse2_int, coef_int, *sq, *sets[0], *sets[1],
                      *q.stride(), *k.stride(), H, G, Sq, Sk, OFF, qk_scale, cap2, int(window or 0), n_tiles,
@@ -366,13 +364,12 @@ def attention_triton(
             HEAD_DIM=HEAD_DIM, D_TRUE=D, BLOCK_M=_pair_tiles(interp)[0], CAUSAL=bool(causal),
             HAS_WINDOW=window is not None, MATCH="match_mass" in plans, NEXT="next_match_mass" in plans,
             SOFTCAP=softcap is not None, KEY_BIAS=key_bias is not None, KEY_SCALE=key_scale is not None,
-            HAS_ZERO=has_zero, HAS_UNIFORM=has_uniform, PRESCALED=prescaled, PREC=prec, HPP=hpp,
-            LEN_BUCKET=bucket)
+            HAS_ZERO=has_zero, HAS_UNIFORM=has_uniform, PRESCALED=prescaled, PREC=prec, LEN_BUCKET=bucket)
         if interp:
-            _pair_mass_kernel[(n_tiles, B * H // hpp)](*pair_args, **pair_flags, BLOCK_N=_pair_tiles(interp)[1],
+            _pair_mass_kernel[(n_tiles, B * H)](*pair_args, **pair_flags, BLOCK_N=_pair_tiles(interp)[1],
                                                 num_warps=4, num_stages=2)
         else:
-            _pair_tuned[(n_tiles, B * H // hpp)](*pair_args, **pair_flags)
+            _pair_tuned[(n_tiles, B * H)](*pair_args, **pair_flags)
 
     if dense_match or dense_next:
         # Counts of the statistics left on the dense path (the pair pass wrote its own).

@@ -82,18 +82,20 @@ def _pair_mass_kernel(
     HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MATCH: tl.constexpr, NEXT: tl.constexpr,
     SOFTCAP: tl.constexpr, KEY_BIAS: tl.constexpr, KEY_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
-    HAS_UNIFORM: tl.constexpr, PRESCALED: tl.constexpr, PREC: tl.constexpr, HPP: tl.constexpr, LEN_BUCKET,
+    HAS_UNIFORM: tl.constexpr, PRESCALED: tl.constexpr, PREC: tl.constexpr, LEN_BUCKET,
 ):
-    """Grid (n_tiles, B * H / HPP). PermQ/TokQ [B, Sq]: query rows sorted by token (padded rows carry a
+    """Grid (n_tiles, B * H). PermQ/TokQ [B, Sq]: query rows sorted by token (padded rows carry a
     sentinel); for match (set 1: strict, j < i) and next_match (set 2: j <= i) PermK/TokK [B, Sk]:
     keys sorted by the token they are compared with (tok_j, or tok_{j-1}; padding / no predecessor =
     NO_TOKEN_ID), KLo/KHi [B, n_tiles]: the sorted key range of each tile. Writes Out [B, H, Sq] =
     sum of p_ij over equal, visible pairs; head 0's programs also write Count [B, Sq], the number of
-    such pairs (the same for every head). One program does both statistics for HPP consecutive heads
-    (HPP divides H): the plan's rows and ranges are loaded once, and after the first head the sorted
-    key indices come from the cache. LEN_BUCKET: autotune key only."""
+    such pairs (the same for every head). One program does both statistics: the query rows, q and
+    the lse are loaded once. LEN_BUCKET: autotune key only."""
     u = tl.program_id(0)
-    b = (tl.program_id(1) * HPP) // H
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    hk = h // G
     b64 = b.to(tl.int64)
     idx_m = u * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = idx_m < Sq
@@ -104,50 +106,46 @@ def _pair_mass_kernel(
     qmask = m_ok[:, None]
     if D_TRUE != HEAD_DIM:
         qmask = qmask & (offs_d[None, :] < D_TRUE)
+    q = tl.load(Q + b64 * sqb + h.to(tl.int64) * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
+                mask=qmask, other=0.0)
+    srow = pid_bh.to(tl.int64) * Sq + rows
+    lse2 = tl.load(Lse2 + srow, mask=m_ok, other=float("inf"))
+    cs = lse2
+    cr = lse2
+    if KEY_SCALE:
+        cs = tl.load(Coef + 2 * srow, mask=m_ok, other=1.0)
+        cr = tl.load(Coef + 2 * srow + 1, mask=m_ok, other=1.0)
+    K_bh = K + b64 * skb + hk.to(tl.int64) * skh
     KbKeys_b = KbKeys + b64 * Sk
     KsKeys_b = KsKeys + b64 * Sk
-    for hh in range(HPP):
-        pid_bh = tl.program_id(1) * HPP + hh
-        h = pid_bh % H
-        hk = h // G
-        q = tl.load(Q + b64 * sqb + h.to(tl.int64) * sqh + rows[:, None] * sqm + offs_d[None, :] * sqd,
-                    mask=qmask, other=0.0)
-        srow = pid_bh.to(tl.int64) * Sq + rows
-        lse2 = tl.load(Lse2 + srow, mask=m_ok, other=float("inf"))
-        cs = lse2
-        cr = lse2
-        if KEY_SCALE:
-            cs = tl.load(Coef + 2 * srow, mask=m_ok, other=1.0)
-            cr = tl.load(Coef + 2 * srow + 1, mask=m_ok, other=1.0)
-        K_bh = K + b64 * skb + hk.to(tl.int64) * skh
-        uniform = False
-        if HAS_UNIFORM:
-            uniform = tl.load(HeadMask + h) != 0
-        bias2 = 0.0
-        if KEY_BIAS:
-            bias2 = tl.load(KbBias + h).to(tl.float32) * 1.4426950408889634
-        zero = False
-        if HAS_ZERO:
-            zero = tl.load(HeadMask + h) != 0
-        for which in tl.static_range(2):
-            if which == 0:
-                DO = MATCH
-                OutP, CountP, PermK, TokK, KLo, KHi = Out1, Count1, PermK1, TokK1, KLo1, KHi1
-            else:
-                DO = NEXT
-                OutP, CountP, PermK, TokK, KLo, KHi = Out2, Count2, PermK2, TokK2, KLo2, KHi2
-            if DO:
-                # match: j < i (strict); next_match: j <= i.
-                acc, cnt = _pair_walk(q, tq, pos_m, lse2, cs, cr, K_bh, skn, skd, PermK + b64 * Sk,
-                                      TokK + b64 * Sk, KsKeys_b, KbKeys_b, tl.load(KLo + b64 * n_tiles + u),
-                                      tl.load(KHi + b64 * n_tiles + u), Sk, qk_scale, cap2, bias2, uniform,
-                                      window, BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW, which == 0,
-                                      SOFTCAP, KEY_BIAS, KEY_SCALE, HAS_UNIFORM, PRESCALED, PREC)
-                if HAS_ZERO:
-                    acc = tl.where(zero, float("nan"), acc)
-                tl.store(OutP + srow, acc, mask=m_ok)
-                if h == 0:
-                    tl.store(CountP + b64 * Sq + rows, cnt, mask=m_ok)
+    uniform = False
+    if HAS_UNIFORM:
+        uniform = tl.load(HeadMask + h) != 0
+    bias2 = 0.0
+    if KEY_BIAS:
+        bias2 = tl.load(KbBias + h).to(tl.float32) * 1.4426950408889634
+    zero = False
+    if HAS_ZERO:
+        zero = tl.load(HeadMask + h) != 0
+    for which in tl.static_range(2):
+        if which == 0:
+            DO = MATCH
+            OutP, CountP, PermK, TokK, KLo, KHi = Out1, Count1, PermK1, TokK1, KLo1, KHi1
+        else:
+            DO = NEXT
+            OutP, CountP, PermK, TokK, KLo, KHi = Out2, Count2, PermK2, TokK2, KLo2, KHi2
+        if DO:
+            # match: j < i (strict); next_match: j <= i.
+            acc, cnt = _pair_walk(q, tq, pos_m, lse2, cs, cr, K_bh, skn, skd, PermK + b64 * Sk, TokK + b64 * Sk,
+                                  KsKeys_b, KbKeys_b, tl.load(KLo + b64 * n_tiles + u),
+                                  tl.load(KHi + b64 * n_tiles + u), Sk, qk_scale, cap2, bias2, uniform, window,
+                                  BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW, which == 0, SOFTCAP,
+                                  KEY_BIAS, KEY_SCALE, HAS_UNIFORM, PRESCALED, PREC)
+            if HAS_ZERO:
+                acc = tl.where(zero, float("nan"), acc)
+            tl.store(OutP + srow, acc, mask=m_ok)
+            if h == 0:
+                tl.store(CountP + b64 * Sq + rows, cnt, mask=m_ok)
 
 
 @triton.jit

@@ -383,17 +383,6 @@ def test_sparse_match_with_every_statistic_and_uneven_tiles(monkeypatch):
                   key_scale=True, key_bias=True, vocab=7))
 
 
-@pytest.mark.parametrize("hpp", [2, 4])
-def test_pair_pass_several_heads_per_program(hpp, monkeypatch):
-    """Pair programs that walk several heads (PAIR_HEADS_PER_PROGRAM; 6 heads: 2 -> 2 per program,
-    4 -> 3, across GQA groups) give the reference's masses and counts, with every edit that the
-    walk reads per head (ACT factors, key bias, uniform head mask)."""
-    monkeypatch.setattr(ta, "MATCH_PATH", "sparse")
-    monkeypatch.setattr(ta, "PAIR_HEADS_PER_PROGRAM", hpp)
-    run_case(dict(name=f"hpp{hpp}", B=2, H=6, Hkv=3, Sq=40, Sk=44, D=64, pad="mixed", window=25,
-                  key_scale=True, key_bias=True, head_mask="uniform", vocab=6))
-
-
 def test_match_path_auto_and_agreement(monkeypatch):
     """auto takes the in-loop dense path up to DENSE_MATCH_MAX_SCORES scores (B x H x Sq x Sk) and the
     pair pass above, for text-like ids and for one repeated token (its sorted walk is then the dense
