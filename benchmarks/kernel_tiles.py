@@ -156,17 +156,15 @@ def main():
     a = ap.parse_args()
     print(f"torch {torch.__version__}, triton {triton.__version__}, {torch.cuda.get_device_name()}", flush=True)
     req_b = StatsRequest.all(topk=1, sink_k=1, offsets=(1,), keyset=True, colsum=False)
-    if a.paths:
-        path_sweep([int(x) for x in a.dims.split(",")], [int(x) for x in a.seqs.split(",")], req_b)
-        return
-    if a.pair:
-        pair_sweep([int(x) for x in a.dims.split(",")], [int(x) for x in a.seqs.split(",")], req_b)
+    dims, seqs = ([int(x) for x in arg.split(",")] for arg in (a.dims, a.seqs))
+    if a.paths or a.pair:
+        (path_sweep if a.paths else pair_sweep)(dims, seqs, req_b)
         return
     tuned = ta._fwd_tuned
     rows = []
     t_start = time.perf_counter()
-    for D in (int(x) for x in a.dims.split(",")):
-        for S in (int(x) for x in a.seqs.split(",")):
+    for D in dims:
+        for S in seqs:
             q, k, v, tok, kset, t_flash = problem(D, S)
             ref = {}
             for cfg in CANDIDATES[D]:
