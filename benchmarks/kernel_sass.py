@@ -43,6 +43,9 @@ VARIANTS = {
 }
 
 
+MAXNREG = int(os.environ.get("MAXNREG", "0"))  # a register cap (Triton's maxnreg), 0: none
+
+
 def compile_fwd(flags: dict, bm: int, bn: int, warps: int, stages: int, dim: int):
     fn = _attn_fwd
     base = dict(HEAD_DIM=dim, D_TRUE=dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, HAS_WINDOW=False, HAS_KV=False,
@@ -70,7 +73,8 @@ def compile_fwd(flags: dict, bm: int, bn: int, warps: int, stages: int, dim: int
                 attrs[(i,)] = [["tt.divisibility", 16]]
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=warps, num_stages=stages))
+                          options=dict(num_warps=warps, num_stages=stages,
+                                       **({"maxnreg": MAXNREG} if MAXNREG else {})))
 
 
 def sass_report(k, top_n: int = 12) -> str:

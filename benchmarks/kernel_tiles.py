@@ -34,23 +34,30 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernel_bench import HIDDEN, TOKENS, bench_inputs, timeit  # noqa: E402
 from kernel_tokens import zipf_ids  # noqa: E402
 
+# (BLOCK_M, BLOCK_N, warps, stages, register cap or 0). A cap of 128 at 64x64 x 4 warps lets 4
+# programs share an SM instead of 3 (168 registers); 168 at d128 lets 3 share it instead of 2 (255).
 CANDIDATES = {
-    64: [(64, 64, 4, 3), (64, 128, 4, 2), (64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3), (128, 64, 4, 3)],
-    128: [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 2), (128, 64, 8, 3), (64, 32, 4, 3)],
+    64: [(64, 64, 4, 3, 0), (64, 64, 4, 2, 0), (64, 64, 4, 2, 128), (64, 64, 4, 3, 128), (128, 64, 8, 2, 128)],
+    128: [(64, 64, 4, 3, 0), (64, 32, 4, 3, 168), (64, 32, 4, 2, 168), (64, 64, 4, 2, 168)],
 }
 
 
 class Forced:
     """Stands in for the autotuned forward: launches `_attn_fwd` with one config, keeps the kernel."""
 
-    def __init__(self, bm, bn, w, s):
+    def __init__(self, bm, bn, w, s, regs=0):
         self.cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+        if regs:
+            self.cfg["maxnreg"] = regs
         self.kernel = None
 
     def __getitem__(self, grid):
         def launch(*args, **kw):
             self.kernel = _attn_fwd[grid](*args, **kw, **self.cfg)
         return launch
+
+
+REQ_SCORE = StatsRequest(lse=True, entropy=True, topk=1)
 
 
 def problem(D: int, S: int):
@@ -61,42 +68,47 @@ def problem(D: int, S: int):
     return q, k, v, tok, kset, t_flash
 
 
+PAIR_VARIANTS = [(64, 4, 0), (64, 4, 96), (64, 4, 80), (64, 4, 64), (128, 8, 0)]  # BLOCK_M, warps, register cap
+
+
 def pair_sweep(dims, seqs, req_b):
-    """The pair pass's query tile (BLOCK_M, which also sets the plan's tiles) and warps: (b) timed
-    whole with the forward autotuned as usual, the pair kernel alone from the profiler."""
+    """The pair pass's query tile (BLOCK_M, which also sets the plan's tiles), warps and register
+    cap (a lower cap: more programs per SM to hide its gathers' latency): (b) timed whole with the
+    forward autotuned as usual, the pair kernel alone from the profiler."""
     tiles, tuned = ta._pair_tiles, ta._pair_tuned
-    print("pair pass: BLOCK_M, warps | (b) ms | pair kernel ms | b/flash", flush=True)
+    print("pair pass: BLOCK_M, warps, register cap | (b) ms | pair kernel ms | b/flash | regs", flush=True)
     for D in dims:
         for S in seqs:
             q, k, v, tok, kset, t_flash = problem(D, S)
             first = None
-            for bm in (32, 64, 128):
-                for warps in (4, 8):
-                    ta._pair_tiles = lambda interp, bm=bm: (bm, 64)
-                    ta._pair_tuned = triton.autotune(
-                        configs=[triton.Config({"BLOCK_N": bn}, num_warps=warps, num_stages=st)
-                                 for bn in (32, 64) for st in (2, 3, 4)],
-                        key=["HEAD_DIM", "PREC", "MATCH", "NEXT", "LEN_BUCKET"])(_pair_mass_kernel)
-                    fn = lambda: ta.attention_triton(q, k, v, causal=True, request=req_b, token_ids=tok,  # noqa: E731
-                                                     keyset=kset)
-                    try:
-                        out, st = fn()
-                        t_b = timeit(fn)
-                        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                            for _ in range(5):
-                                fn()
-                            torch.cuda.synchronize()
-                        t_pair = sum(e.device_time_total for e in prof.key_averages()
-                                     if "_pair_mass" in e.key) / 5e3
-                        if first is None:
-                            first = st
-                        diff = max((st[n] - first[n]).abs().nan_to_num(0).max().item()
-                                   for n in ("match_mass", "next_match_mass"))
-                        print(f"  d{D} S={S} BLOCK_M={bm:<3d} warps={warps} | {t_b:7.3f} | {t_pair:7.3f} | "
-                              f"{t_flash / t_b:5.2f} | match diff {diff:.1e}", flush=True)
-                    except Exception as exc:
-                        print(f"  d{D} S={S} BLOCK_M={bm} warps={warps}: {type(exc).__name__}: {str(exc)[:200]}",
-                              flush=True)
+            for bm, warps, regs in PAIR_VARIANTS:
+                cap = {"maxnreg": regs} if regs else {}
+                ta._pair_tiles = lambda interp, bm=bm: (bm, 64)
+                ta._pair_tuned = triton.autotune(
+                    configs=[triton.Config({"BLOCK_N": bn}, num_warps=warps, num_stages=st, **cap)
+                             for bn in (32, 64) for st in (2, 3, 4)],
+                    key=["HEAD_DIM", "PREC", "MATCH", "NEXT", "LEN_BUCKET"])(_pair_mass_kernel)
+                fn = lambda: ta.attention_triton(q, k, v, causal=True, request=req_b, token_ids=tok,  # noqa: E731
+                                                 keyset=kset)
+                try:
+                    out, st = fn()
+                    t_b = timeit(fn)
+                    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                        for _ in range(5):
+                            fn()
+                        torch.cuda.synchronize()
+                    t_pair = sum(e.device_time_total for e in prof.key_averages()
+                                 if "_pair_mass" in e.key) / 5e3
+                    if first is None:
+                        first = st
+                    diff = max((st[n] - first[n]).abs().nan_to_num(0).max().item()
+                               for n in ("match_mass", "next_match_mass"))
+                    best = ta._pair_tuned.best_config
+                    print(f"  d{D} S={S} BLOCK_M={bm:<3d} warps={warps} cap={regs:<3d} | {t_b:7.3f} | {t_pair:7.3f} | "
+                          f"{t_flash / t_b:5.2f} | {best} | match diff {diff:.1e}", flush=True)
+                except Exception as exc:
+                    print(f"  d{D} S={S} BLOCK_M={bm} warps={warps} cap={regs}: {type(exc).__name__}: "
+                          f"{str(exc)[:200]}", flush=True)
             del q, k, v
             torch.cuda.empty_cache()
     ta._pair_tiles, ta._pair_tuned = tiles, tuned
@@ -172,7 +184,8 @@ def main():
                 ta._fwd_tuned = forced
                 r = dict(D=D, S=S, cfg=cfg, t_flash=t_flash)
                 try:
-                    for tag, req, kw in (("a", StatsRequest(), {}), ("b", req_b, dict(token_ids=tok, keyset=kset))):
+                    for tag, req, kw in (("a", StatsRequest(), {}), ("s", REQ_SCORE, {}),
+                                         ("b", req_b, dict(token_ids=tok, keyset=kset))):
                         fn = lambda: ta.attention_triton(q, k, v, causal=True, request=req, **kw)  # noqa: E731
                         out, st = fn()
                         r[f"regs_{tag}"] = forced.kernel.n_regs
@@ -196,18 +209,21 @@ def main():
             del q, k, v, ref
             torch.cuda.empty_cache()
     print(f"wall {time.perf_counter() - t_start:.0f} s")
-    print("ms per call; TFLOP/s; b/flash; regs/spills of (b); max |diff| to the first variant (out rel., stats abs.)")
-    print(f"{'D':>4} {'S':>6} {'config':>16} | {'t_a':>7} {'t_b':>7} {'flash':>7} | {'TF a':>5} {'TF b':>5}"
-          f" {'b/fl':>5} | {'regs':>9} | {'d out':>8} {'d stat':>8}")
+    print("ms per call (s = lse, entropy, top-1: no token statistics); TFLOP/s; b/flash; regs/spills of (s), (b);"
+          " max |diff| to the first variant (out rel., stats abs.)")
+    print(f"{'D':>4} {'S':>6} {'config':>20} | {'t_a':>7} {'t_s':>7} {'t_b':>7} {'flash':>7} | {'TF a':>5} {'TF s':>5}"
+          f" {'TF b':>5} {'s/fl':>5} {'b/fl':>5} | {'regs s':>8} {'regs b':>8} | {'d out':>8} {'d stat':>8}")
     for r in rows:
         if "err" in r:
-            print(f"{r['D']:>4} {r['S']:>6} {str(r['cfg']):>16} | {r['err']}")
+            print(f"{r['D']:>4} {r['S']:>6} {str(r['cfg']):>20} | {r['err']}")
             continue
         flops = 4 * max(1, TOKENS // r["S"]) * (HIDDEN // r["D"]) * r["S"] ** 2 * r["D"] / 2
         tf = lambda t: flops / t / 1e9  # noqa: E731
-        print(f"{r['D']:>4} {r['S']:>6} {str(r['cfg']):>16} | {r['t_a']:7.3f} {r['t_b']:7.3f} "
-              f"{r['t_flash']:7.3f} | {tf(r['t_a']):5.0f} {tf(r['t_b']):5.0f} {r['t_flash'] / r['t_b']:5.2f} | "
-              f"{r['regs_b']:>4}/{r['spills_b']:<4} | {r.get('dout_b', 0):8.1e} {r.get('dstat_b', 0):8.1e}")
+        print(f"{r['D']:>4} {r['S']:>6} {str(r['cfg']):>20} | {r['t_a']:7.3f} {r['t_s']:7.3f} {r['t_b']:7.3f} "
+              f"{r['t_flash']:7.3f} | {tf(r['t_a']):5.0f} {tf(r['t_s']):5.0f} {tf(r['t_b']):5.0f} "
+              f"{r['t_flash'] / r['t_s']:5.2f} {r['t_flash'] / r['t_b']:5.2f} | {r['regs_s']:>4}/{r['spills_s']:<3} "
+              f"{r['regs_b']:>4}/{r['spills_b']:<3} | {max(r.get('dout_s', 0), r.get('dout_b', 0)):8.1e} "
+              f"{max(r.get('dstat_s', 0), r.get('dstat_b', 0)):8.1e}")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "kernel_tiles.json"), "w") as f:
             json.dump(rows, f, indent=1)
