@@ -76,7 +76,7 @@ def pair_sweep(dims, seqs, req_b):
     cap (a lower cap: more programs per SM to hide its gathers' latency): (b) timed whole with the
     forward autotuned as usual, the pair kernel alone from the profiler."""
     tiles, tuned = ta._pair_tiles, ta._pair_tuned
-    print("pair pass: BLOCK_M, warps, register cap | (b) ms | pair kernel ms | b/flash | regs", flush=True)
+    print("pair pass: BLOCK_M, warps, register cap | (b) ms | pair kernel ms | b/flash | tuned config", flush=True)
     for D in dims:
         for S in seqs:
             q, k, v, tok, kset, t_flash = problem(D, S)

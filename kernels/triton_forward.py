@@ -113,7 +113,7 @@ def _first_max(x, BLOCK_N: tl.constexpr):
     A plain max, then the first column equal to it: not one (value, index) reduction
     (`tl.max(..., return_indices=True)`), which compiles to a serial compare-and-select chain
     through the row, and the exp2 of the whole tile waits for its maximum. Same result, ties to the
-    first column; the forward with top-1 ran 2-11% faster (KERNEL_NOTES log 31)."""
+    first column; the forward with top-1 ran 2-11% faster (KERNEL_NOTES log 32)."""
     xmax = tl.max(x, 1)
     arg = tl.min(tl.where(x == xmax[:, None], tl.arange(0, BLOCK_N)[None, :], BLOCK_N), 1)
     return xmax, arg

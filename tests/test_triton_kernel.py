@@ -254,6 +254,31 @@ def test_top1_with_key_scale_and_uniform_ties():
                   head_mask="uniform"), request=req)
 
 
+@pytest.mark.parametrize("topk", [1, 3])
+def test_exact_ties_go_to_the_first_key(topk):
+    """Integer-valued q and k make equal scores bit-identical, whatever the summation order: the
+    maximum (3) sits at keys 5, 9, 20 and 33 (three 16-key tiles), so every row that sees key 5
+    must name 5 first, and top-3 must list 5, 9, 20 in that order once they are visible."""
+    S, D = 48, 64
+    g = torch.Generator().manual_seed(3)
+    q = torch.zeros(1, 1, S, D)
+    q[..., 0] = 1.0
+    k = torch.randint(-2, 3, (1, 1, S, D), generator=g).float()
+    k[..., 0] = torch.randint(-3, 3, (S,), generator=g).clamp(max=2).float()
+    winners = [5, 9, 20, 33]
+    k[0, 0, winners, 0] = 3.0
+    v = torch.randn(1, 1, S, D, generator=g)
+    _, st = attention(q, k, v, stats=StatsRequest(topk=topk), backend="triton")
+    _, ref = attention(q, k, v, stats=StatsRequest(topk=topk), backend="torch")
+    amax = st["argmax"][0, 0]
+    for i in range(S):
+        seen = [j for j in winners if j <= i]
+        if seen:
+            assert amax[i, :min(topk, len(seen))].tolist() == seen[:topk], (i, amax[i].tolist())
+    # The maximum probability itself against the reference (torch.topk orders ties arbitrarily).
+    torch.testing.assert_close(st["max_prob"][0, 0, 5:, 0], ref["max_prob"][0, 0, 5:, 0], rtol=1e-5, atol=1e-6)
+
+
 def test_offsets_any_int():
     req = StatsRequest(offsets=(0, 1, 2, 17, 39, 40, -3, 100))
     run_case(dict(name="offsets", B=2, H=2, Hkv=1, Sq=40, Sk=40, D=64, pad="mixed"), request=req)
