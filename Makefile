@@ -25,4 +25,6 @@ run: $(STAMP)
 test: $(STAMP)
 	# Debian's Chromium for the explorer's browser test (installs only as root; otherwise that test skips).
 	sh tests/browser_setup.sh
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests $(ARGS)
+	# The pytest script, not `python -m pytest`: that would put the repository root on sys.path, where
+	# our kernels/ folder hides the PyPI `kernels` that transformers imports (kernels/import_check.py).
+	$(BIN)/pytest -q -p no:cacheprovider tests $(ARGS)

@@ -59,8 +59,10 @@ def run_explore(args) -> int:
     port = args.port or free_port()
     if not 0 < port < 65536:
         raise ExploreError(f"--port {port} is not a TCP port (1..65535).")
+    # PYTHONSAFEPATH: `python -m streamlit` would put the working directory on sys.path, and started
+    # in the repository root that hides the PyPI `kernels` behind our folder (kernels/import_check.py).
     env = dict(os.environ, HEADSCOPE_EXPLORE_MODEL=args.model, HEADSCOPE_EXPLORE_REPORT=args.report,
-               HEADSCOPE_EXPLORE_SAE=args.sae)
+               HEADSCOPE_EXPLORE_SAE=args.sae, PYTHONSAFEPATH="1")
     print(f"headscope explorer: http://127.0.0.1:{port}", flush=True)
     try:
         return subprocess.call(streamlit_command(port), env=env)
