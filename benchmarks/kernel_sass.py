@@ -36,7 +36,6 @@ VARIANTS = {
     "lse": dict(LSE=True),
     "ent": dict(LSE=True, ENT=True),
     "top1": dict(LSE=True, ENT=True, TOPK=1, FAST_TOP1=True),
-    "top1skip": dict(LSE=True, ENT=True, TOPK=1, FAST_TOP1=2),
     "sinkoff": dict(LSE=True, ENT=True, TOPK=1, FAST_TOP1=True, SINK=True, NOFF=1),
     "all": dict(LSE=True, ENT=True, TOPK=1, FAST_TOP1=True, SINK=True, NOFF=1, KEYSET=True, SAVE_LSE=True),
     "all_dense": dict(LSE=True, ENT=True, TOPK=1, FAST_TOP1=True, SINK=True, NOFF=1, KEYSET=True,

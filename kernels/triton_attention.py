@@ -126,8 +126,6 @@ KEEP_COLSUM_LAUNCH = False
 # (d128 3k tokens x 16 heads x 5: 0.96 vs 0.89 ms); the embedded model's shape (9 heads, batch 1) stays
 # dense up to 8k tokens (0.88 vs 1.10 ms at 8k).
 MATCH_PATH = "auto"
-# Top-1 in the loop (key_scale off): 1 searches every tile, 2 only tiles where some row's maximum grows.
-TOP1_MODE = 2
 DENSE_MATCH_MAX_SCORES = 650_000_000
 last_match_paths: dict[str, str] = {}
 last_colsum_launch = None
@@ -333,7 +331,7 @@ def attention_triton(
     )
     fwd_flags = dict(
         flags, LSE=request.lse, ENT=request.entropy, TOPK=topk, KPAD=max(2, _next_pow2(max(topk, 1))),
-        FAST_TOP1=TOP1_MODE if (topk == 1 and key_scale is None) else 0, SINK=request.sink_k > 0, NOFF=noff,
+        FAST_TOP1=(topk == 1 and key_scale is None), SINK=request.sink_k > 0, NOFF=noff,
         MATCH=dense_match, NEXT=dense_next, KEYSET=request.keyset, KW=key_w, SAVE_LSE=save_lse,
     )
     # Short query blocks (decoding, Sq < 64) would waste most of a 128-row tile: fixed small tiles.

@@ -175,7 +175,7 @@ def _fwd_tile(
     s = _visible(s, offs_n, pos_m, Sk, window, KeyValid_b, MASKED, CAUSAL, HAS_WINDOW, HAS_KV)
     # Only masked tiles (or padding) can hold a row that is all -inf: only they need the guards.
 
-    if FAST_TOP1 == 1:
+    if FAST_TOP1:
         tmax, targ = _first_max(s, BLOCK_N)
     else:
         tmax = tl.max(s, 1)
@@ -183,17 +183,9 @@ def _fwd_tile(
         m_new = tl.maximum(m_i, tmax)
     else:
         m_new = tl.maximum(m_i, tmax * qk_scale)
-    if FAST_TOP1 == 1:
+    if FAST_TOP1:
         # Strictly greater: the first key reaching the maximum wins, as within a tile.
         top1 = tl.where(m_new > m_i, targ + n0, top1)
-    elif FAST_TOP1 == 2:
-        # The argmax only matters on rows whose maximum grows in this tile; once the maxima settle
-        # (a sink, or far into a long sequence) most tiles grow none, and one block-wide vote skips
-        # the per-element search. Same result as FAST_TOP1 == 1.
-        grow = m_new > m_i
-        if tl.max(grow.to(tl.int32), 0) != 0:
-            targ = tl.min(tl.where(s == tmax[:, None], tl.arange(0, BLOCK_N)[None, :], BLOCK_N), 1)
-            top1 = tl.where(grow, targ + n0, top1)
     if MASKED or HAS_KV:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
