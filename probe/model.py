@@ -172,7 +172,8 @@ class HeadscopeModel:
             ref = ids if ids is not None else embeds
             if ref is None:
                 raise InputError("the model was called without input_ids or inputs_embeds.")
-            past = kwargs.get("past_key_values")
+            # transformers >= 5.25 passes the KV cache as `cache` (before: `past_key_values`).
+            past = kwargs.get("cache", kwargs.get("past_key_values"))
             n_past = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
             recorder.begin_call(ids, kwargs.get("attention_mask"), ref.shape[1], ref.shape[0], n_past)
         return hook
