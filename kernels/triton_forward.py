@@ -345,14 +345,6 @@ def _offset_prob(Q_rows, sqd, row_ok, K_bh, skn, skd, j, pos_m, lse2, Sk, window
         qc = tl.load(Q_rows[:, None] + offs_d[None, :] * sqd, mask=qmask, other=0.0)
         kc = tl.load(K_bh + j[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
         qk += tl.sum(qc.to(tl.float32) * kc.to(tl.float32), 1)
-    s = _gathered_score(qk, j, ok, KbKeys_b, qk_scale, cap2, bias2, uniform, SOFTCAP, KEY_BIAS, HAS_UNIFORM)
-    return tl.where(ok, tl.exp2(s - lse2), 0.0)
-
-
-@triton.jit
-def _gathered_score(qk, j, ok, KbKeys_b, qk_scale, cap2, bias2, uniform,
-                    SOFTCAP: tl.constexpr, KEY_BIAS: tl.constexpr, HAS_UNIFORM: tl.constexpr):
-    """Base-2 score [BM] of one key j per row from its q.k, as the loop scores it (epilogue recomputations)."""
     if SOFTCAP:
         s = _tanh(qk * qk_scale) * cap2
     else:
@@ -361,41 +353,7 @@ def _gathered_score(qk, j, ok, KbKeys_b, qk_scale, cap2, bias2, uniform,
         s = s + tl.load(KbKeys_b + j, mask=ok, other=0).to(tl.float32) * bias2
     if HAS_UNIFORM:
         s = tl.where(uniform, 0.0, s)
-    return s
-
-
-@triton.jit
-def _tile_top1(Q_rows, sqd, row_ok, K_bh, skn, skd, tile, pos_m, lse2, Sk, window, KeyValid_b, KbKeys_b,
-               qk_scale, cap2, bias2, uniform,
-               BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, CAUSAL: tl.constexpr,
-               HAS_WINDOW: tl.constexpr, HAS_KV: tl.constexpr, SOFTCAP: tl.constexpr, KEY_BIAS: tl.constexpr,
-               HAS_UNIFORM: tl.constexpr):
-    """Deferred top-1: (max_prob, argmax) [BM] from the key tile `tile` [BM] that holds each row's
-    maximum (-1: none), its BLOCK_N scores recomputed on the CUDA cores. q is loaded once as float32;
-    UNROLL gathered key rows are in flight at a time. Ties go to the first key, as in the loop."""
-    offs_d = tl.arange(0, HEAD_DIM)
-    qmask = row_ok[:, None]
-    if D_TRUE != HEAD_DIM:
-        qmask = qmask & (offs_d[None, :] < D_TRUE)
-    qf = tl.load(Q_rows[:, None] + offs_d[None, :] * sqd, mask=qmask, other=0.0).to(tl.float32)
-    best = tl.full(lse2.shape, float("-inf"), tl.float32)
-    ibest = tl.full(lse2.shape, -1, tl.int32)
-    base = tl.where(tile >= 0, tile * BLOCK_N, -2 * BLOCK_N)  # negative keys are never visible
-    UNROLL: tl.constexpr = max(1, 256 // HEAD_DIM)
-    for j0 in range(0, BLOCK_N, UNROLL):
-        for u in tl.static_range(UNROLL):
-            j = base + j0 + u
-            ok = _key_visible(j, pos_m, Sk, window, KeyValid_b, CAUSAL, HAS_WINDOW, HAS_KV)
-            kmask = ok[:, None]
-            if D_TRUE != HEAD_DIM:
-                kmask = kmask & (offs_d[None, :] < D_TRUE)
-            kj = tl.load(K_bh + j[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
-            s = _gathered_score(tl.sum(qf * kj.to(tl.float32), 1), j, ok, KbKeys_b, qk_scale, cap2, bias2,
-                                uniform, SOFTCAP, KEY_BIAS, HAS_UNIFORM)
-            better = ok & (s > best)
-            best = tl.where(better, s, best)
-            ibest = tl.where(better, j, ibest)
-    return tl.where(ibest >= 0, tl.exp2(best - lse2), 0.0), ibest
+    return tl.where(ok, tl.exp2(s - lse2), 0.0)
 
 
 @triton.jit
@@ -611,11 +569,19 @@ def _attn_fwd(
     if TOPK > 0:
         kc = tl.arange(0, KPAD)[None, :]
         if FAST_TOP1 == 2:
-            # The loop kept the tile of each row's maximum; search it here, a fixed cost per
-            # program instead of a search of every tile in the loop.
-            pbest, ibest = _tile_top1(Q_rows, sqd, row_ok, K_bh, skn, skd, top1, pos_m, lse2_p, Sk, window,
-                                      KeyValid_b, KbKeys_b, qk_scale, cap2, bias2, uniform, BLOCK_N, HEAD_DIM,
-                                      D_TRUE, CAUSAL, HAS_WINDOW, HAS_KV, SOFTCAP, KEY_BIAS, HAS_UNIFORM)
+            # The loop kept the tile of each row's maximum (-1: none); recompute its BLOCK_N
+            # probabilities, one gathered key per row and step as for the offsets, and keep the
+            # first largest. Fixed cost per program, against a search of every tile in the loop.
+            pbest = tl.zeros([BLOCK_M], tl.float32)
+            ibest = tl.full([BLOCK_M], -1, tl.int32)
+            for jj in range(BLOCK_N):
+                j = tl.where(top1 >= 0, top1 * BLOCK_N + jj, -1)
+                pj = _offset_prob(Q_rows, sqd, row_ok, K_bh, skn, skd, j, pos_m, lse2_p, Sk, window, KeyValid_b,
+                                  KbKeys_b, qk_scale, cap2, bias2, uniform, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW,
+                                  HAS_KV, SOFTCAP, KEY_BIAS, HAS_UNIFORM)
+                better = pj > pbest
+                pbest = tl.where(better, pj, pbest)
+                ibest = tl.where(better, j, ibest)
             pa = tl.where(kc == 0, pbest[:, None], -1.0)
             ia = tl.where(kc == 0, ibest[:, None], -1)
         elif FAST_TOP1:
