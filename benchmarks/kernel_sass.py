@@ -36,10 +36,8 @@ VARIANTS = {
     "lse": dict(LSE=True),
     "ent": dict(LSE=True, ENT=True),
     "top1": dict(LSE=True, ENT=True, TOPK=1, FAST_TOP1=True),
-    "top1defer": dict(LSE=True, ENT=True, TOPK=1, FAST_TOP1=2),
     "sinkoff": dict(LSE=True, ENT=True, TOPK=1, FAST_TOP1=True, SINK=True, NOFF=1),
     "all": dict(LSE=True, ENT=True, TOPK=1, FAST_TOP1=True, SINK=True, NOFF=1, KEYSET=True, SAVE_LSE=True),
-    "all_defer": dict(LSE=True, ENT=True, TOPK=1, FAST_TOP1=2, SINK=True, NOFF=1, KEYSET=True, SAVE_LSE=True),
     "all_dense": dict(LSE=True, ENT=True, TOPK=1, FAST_TOP1=True, SINK=True, NOFF=1, KEYSET=True,
                       MATCH=True, NEXT=True),
 }

@@ -126,9 +126,6 @@ KEEP_COLSUM_LAUNCH = False
 # (d128 3k tokens x 16 heads x 5: 0.96 vs 0.89 ms); the embedded model's shape (9 heads, batch 1) stays
 # dense up to 8k tokens (0.88 vs 1.10 ms at 8k).
 MATCH_PATH = "auto"
-# Top-1 (key_scale off): from this many keys on, the loop keeps only the tile of each row's maximum
-# and the epilogue searches that tile (a fixed cost per program); below it every tile is searched.
-TOP1_DEFER_MIN_KEYS = 16384
 DENSE_MATCH_MAX_SCORES = 650_000_000
 last_match_paths: dict[str, str] = {}
 last_colsum_launch = None
@@ -170,13 +167,6 @@ def _as_u8(t: torch.Tensor | None, B: int, Sk: int, dev) -> torch.Tensor:
     if t is None:
         return torch.empty(1, dtype=torch.uint8, device=dev)
     return t.to(device=dev, dtype=torch.uint8).contiguous()
-
-
-def _top1_mode(topk: int, key_scale, Sk: int) -> int:
-    """FAST_TOP1: 0 the top-k lists, 1 top-1 searched in every tile, 2 deferred to the epilogue."""
-    if topk != 1 or key_scale is not None:
-        return 0
-    return 2 if Sk >= TOP1_DEFER_MIN_KEYS else 1
 
 
 def attention_triton(
@@ -341,7 +331,7 @@ def attention_triton(
     )
     fwd_flags = dict(
         flags, LSE=request.lse, ENT=request.entropy, TOPK=topk, KPAD=max(2, _next_pow2(max(topk, 1))),
-        FAST_TOP1=_top1_mode(topk, key_scale, Sk), SINK=request.sink_k > 0, NOFF=noff,
+        FAST_TOP1=(topk == 1 and key_scale is None), SINK=request.sink_k > 0, NOFF=noff,
         MATCH=dense_match, NEXT=dense_next, KEYSET=request.keyset, KW=key_w, SAVE_LSE=save_lse,
     )
     # Short query blocks (decoding, Sq < 64) would waste most of a 128-row tile: fixed small tiles.

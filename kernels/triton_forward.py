@@ -175,7 +175,7 @@ def _fwd_tile(
     s = _visible(s, offs_n, pos_m, Sk, window, KeyValid_b, MASKED, CAUSAL, HAS_WINDOW, HAS_KV)
     # Only masked tiles (or padding) can hold a row that is all -inf: only they need the guards.
 
-    if FAST_TOP1 == 1:
+    if FAST_TOP1:
         tmax, targ = _first_max(s, BLOCK_N)
     else:
         tmax = tl.max(s, 1)
@@ -183,12 +183,9 @@ def _fwd_tile(
         m_new = tl.maximum(m_i, tmax)
     else:
         m_new = tl.maximum(m_i, tmax * qk_scale)
-    if FAST_TOP1 == 1:
+    if FAST_TOP1:
         # Strictly greater: the first key reaching the maximum wins, as within a tile.
         top1 = tl.where(m_new > m_i, targ + n0, top1)
-    elif FAST_TOP1 == 2:
-        # Deferred: only the tile where the row's maximum was first reached; the epilogue searches it.
-        top1 = tl.where(m_new > m_i, t, top1)
     if MASKED or HAS_KV:
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     else:
@@ -568,23 +565,7 @@ def _attn_fwd(
         tl.store(EntO + srow, v_ent, mask=row_ok)
     if TOPK > 0:
         kc = tl.arange(0, KPAD)[None, :]
-        if FAST_TOP1 == 2:
-            # The loop kept the tile of each row's maximum (-1: none); recompute its BLOCK_N
-            # probabilities, one gathered key per row and step as for the offsets, and keep the
-            # first largest. Fixed cost per program, against a search of every tile in the loop.
-            pbest = tl.zeros([BLOCK_M], tl.float32)
-            ibest = tl.full([BLOCK_M], -1, tl.int32)
-            for jj in range(BLOCK_N):
-                j = tl.where(top1 >= 0, top1 * BLOCK_N + jj, -1)
-                pj = _offset_prob(Q_rows, sqd, row_ok, K_bh, skn, skd, j, pos_m, lse2_p, Sk, window, KeyValid_b,
-                                  KbKeys_b, qk_scale, cap2, bias2, uniform, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW,
-                                  HAS_KV, SOFTCAP, KEY_BIAS, HAS_UNIFORM)
-                better = pj > pbest
-                pbest = tl.where(better, pj, pbest)
-                ibest = tl.where(better, j, ibest)
-            pa = tl.where(kc == 0, pbest[:, None], -1.0)
-            ia = tl.where(kc == 0, ibest[:, None], -1)
-        elif FAST_TOP1:
+        if FAST_TOP1:
             pa = tl.where(kc == 0, tl.exp2(m_i - lse2)[:, None], -1.0)
             ia = tl.where(kc == 0, top1[:, None], -1)
         else:

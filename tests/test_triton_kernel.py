@@ -239,23 +239,6 @@ def test_rising_row_maxima():
         run_case(dict(name="rising_maxima", B=2, H=2, Hkv=1, Sq=48, Sk=48, D=64, kgrow=6.0, **extra))
 
 
-def _defer_top1(monkeypatch, defer: bool):
-    """Top-1 searched in the epilogue (FAST_TOP1 = 2) at every length, or in the loop at every length."""
-    monkeypatch.setattr(ta, "TOP1_DEFER_MIN_KEYS", 0 if defer else 1 << 40)
-
-
-DEFERRED_TOP1_CASES = [c for c in CASES if not c.values[0].get("key_scale")]
-
-
-@pytest.mark.parametrize("c", DEFERRED_TOP1_CASES)
-def test_deferred_top1_matches_reference(c, monkeypatch):
-    """The epilogue's search of the maximum's tile: every layout without key_scale (which keeps the
-    top-k lists), all statistics requested so the epilogue carries everything beside it."""
-    _defer_top1(monkeypatch, True)
-    run_case(c)
-    run_case(dict(c, name=c["name"] + "_rising", kgrow=6.0), request=StatsRequest(topk=1, lse=True))
-
-
 @pytest.mark.parametrize("topk", [3, 5])
 @pytest.mark.parametrize("key_scale", [False, True])
 def test_topk(topk, key_scale):
@@ -271,8 +254,8 @@ def test_top1_with_key_scale_and_uniform_ties():
                   head_mask="uniform"), request=req)
 
 
-@pytest.mark.parametrize("topk,defer", [(1, False), (1, True), (3, False)])
-def test_exact_ties_go_to_the_first_key(topk, defer, monkeypatch):
+@pytest.mark.parametrize("topk", [1, 3])
+def test_exact_ties_go_to_the_first_key(topk):
     """Integer-valued q and k make equal scores bit-identical, whatever the summation order: the
     maximum (3) sits at keys 5, 9, 20 and 33 (three 16-key tiles), so every row that sees key 5
     must name 5 first, and top-3 must list 5, 9, 20 in that order once they are visible."""
@@ -285,7 +268,6 @@ def test_exact_ties_go_to_the_first_key(topk, defer, monkeypatch):
     winners = [5, 9, 20, 33]
     k[0, 0, winners, 0] = 3.0
     v = torch.randn(1, 1, S, D, generator=g)
-    _defer_top1(monkeypatch, defer)
     _, st = attention(q, k, v, stats=StatsRequest(topk=topk), backend="triton")
     _, ref = attention(q, k, v, stats=StatsRequest(topk=topk), backend="torch")
     amax = st["argmax"][0, 0]
@@ -297,8 +279,7 @@ def test_exact_ties_go_to_the_first_key(topk, defer, monkeypatch):
     torch.testing.assert_close(st["max_prob"][0, 0, 5:, 0], ref["max_prob"][0, 0, 5:, 0], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("defer", [False, True])
-def test_top1_after_settled_maxima(defer, monkeypatch):
+def test_top1_after_settled_maxima():
     """A sink (key 0) holds every row's maximum through tiles 1-3; key 65 beats it for the rows that
     see it (tile 4: only those rows' maxima grow) and tile 5 grows none. Argmax and max_prob against
     the reference."""
@@ -310,7 +291,6 @@ def test_top1_after_settled_maxima(defer, monkeypatch):
     k[:, :, 0] = 4.0 * u
     k[:, :, 65] = 6.0 * u
     v = torch.randn(2, 2, S, D, generator=g)
-    _defer_top1(monkeypatch, defer)
     _, st = attention(q, k, v, stats=StatsRequest(topk=1), backend="triton")
     _, ref = attention(q, k, v, stats=StatsRequest(topk=1), backend="torch")
     want = torch.where(torch.arange(S) >= 65, 65, 0).expand(2, 2, S)
