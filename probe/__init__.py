@@ -8,8 +8,9 @@
         model(**batch)
     rec.stats["entropy"]                       # [B, L, H, S]
 
-A user's TransformerLens `TransformerBridge` or nnsight `LanguageModel` records into the same
-`Recording` with `record_transformer_lens(bridge, text, stats)` / `record_nnsight(lm, text, stats)`.
+A user's TransformerLens `TransformerBridge` or nnsight `TransformersModel` (`LanguageModel` before
+nnsight 0.8) records into the same `Recording` with `record_transformer_lens(bridge, text, stats)` /
+`record_nnsight(lm, text, stats)`.
 """
 
 from headscope.kernels.stats import StatsRequest

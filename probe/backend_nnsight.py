@@ -1,7 +1,7 @@
-"""nnsight backend: record a user's `nnsight.LanguageModel` into a headscope `Recording`.
+"""nnsight backend: record a user's nnsight model into a headscope `Recording`.
 
-    from nnsight import LanguageModel
-    lm = LanguageModel(model.hf, tokenizer=model.tokenizer)
+    from nnsight import TransformersModel      # nnsight >= 0.8; LanguageModel before (deprecated there)
+    lm = TransformersModel(model.hf, tokenizer=model.tokenizer, task="text-generation")
     rec = record_nnsight(lm, "The cat sat on the mat.", stats=StatsRequest.all(), patterns=[0, 5])
 
 Inside one `lm.trace`, each layer's self-attention module's second output (the attention
@@ -39,8 +39,9 @@ def record_nnsight(lm, inputs, stats: StatsRequest | None = None, *, patterns=No
     """One traced forward of `lm` over `inputs` -> Recording (backend "nnsight").
 
     Args:
-        lm: an `nnsight.LanguageModel` wrapping a transformers model whose attention layers return
-            their probabilities under eager attention (Llama family, Gemma, GPT-2, BERT, ...).
+        lm: an `nnsight.TransformersModel` (or the older `LanguageModel`) wrapping a transformers model
+            whose attention layers return their probabilities under eager attention (Llama family,
+            Gemma, GPT-2, BERT, ...).
         inputs: a text, a list of texts, or token ids [S] / [B, S] (then attention_mask [B, S] optional).
         stats, patterns, keyset, max_pattern_bytes: as `HeadscopeModel.record` (no `lse`, see module doc).
         head_out: not available here (nnsight does not see z before the output projection); must be None.

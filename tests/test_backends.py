@@ -69,13 +69,20 @@ def test_transformer_lens_matches_native(native, bridge):
     assert (rec_text.stats["entropy"] - ref.stats["entropy"]).abs().max() < 1e-4
 
 
-def test_nnsight_matches_native(model, native):
-    from nnsight import LanguageModel
+def _nnsight_model(model):
+    """nnsight >= 0.8 wraps a model as TransformersModel (LanguageModel is deprecated there)."""
+    import nnsight
 
+    if hasattr(nnsight, "TransformersModel"):
+        return nnsight.TransformersModel(model.hf, tokenizer=model.tokenizer, task="text-generation")
+    return nnsight.LanguageModel(model.hf, tokenizer=model.tokenizer)
+
+
+def test_nnsight_matches_native(model, native):
     from headscope.probe.backend_nnsight import record_nnsight
 
     batch, ref = native
-    lm = LanguageModel(model.hf, tokenizer=model.tokenizer)
+    lm = _nnsight_model(model)
     rec = record_nnsight(lm, batch, dataclasses.replace(REQUEST, lse=False), patterns=True)
     assert rec.backend == "nnsight"
     _assert_same(rec, ref, skip=("lse",))
