@@ -243,7 +243,7 @@ def test_ablation_next_token_table_matches_hooked_reference(app, model, mode):
     ids = ids_of(model)
     before = reference_next_probs(model, ids)
     after = reference_next_probs(model, ids, [(3, 2), (10, 4)], mode=mode.split()[0])
-    tok = torch.as_tensor(table["token_id"].to_numpy())
+    tok = torch.as_tensor(table["token_id"].to_numpy().copy())
     np.testing.assert_allclose(table["p_before"], before[tok].numpy(), atol=1e-5)
     np.testing.assert_allclose(table["p_after"], after[tok].numpy(), atol=1e-5)
     assert set(before.topk(10).indices.tolist()) | set(after.topk(10).indices.tolist()) == set(tok.tolist())
@@ -299,7 +299,7 @@ def test_act_calibration_matches_formula_on_materialised_attention(app, model):
     scaled = at.dataframe[0].value["sink tokens scaled"][0]
     assert [int(t.split(":")[0]) for t in scaled.split(", ")] == sinks.nonzero()[:, 0].tolist()
     table = at.dataframe[1].value
-    tok = torch.as_tensor(table["token_id"].to_numpy())
+    tok = torch.as_tensor(table["token_id"].to_numpy().copy())
     np.testing.assert_allclose(table["p_after"], expected[tok].numpy(), atol=1e-5)
     assert float(np.abs(table["change"]).max()) > 1e-5
 

@@ -241,7 +241,8 @@ def test_head_attribution_and_top_contexts(model, trained_z_sae):
     ref = sae.W_dec[i].view(9, 64).norm(dim=-1)
     torch.testing.assert_close(a[i], ref / ref.sum())
     ids = next(packed_batches(model.tokenizer, default_corpus(seed=5), seq_len=32, batch_size=2, bos_id=1))
-    f = sae.encode(model_activations(model, LAYER, "z", ids)[:, 1:].reshape(-1, 576))
+    with torch.no_grad():
+        f = sae.encode(model_activations(model, LAYER, "z", ids)[:, 1:].reshape(-1, 576))
     lat = int((f > 0).sum(0).argmax())
     rows = top_activating(model, sae, LAYER, [ids], [lat], n=3)
     assert len(rows) == 3 and rows[0]["activation"] == pytest.approx(float(f[:, lat].max()), rel=1e-5)
