@@ -2,7 +2,8 @@
 against PyTorch SDPA (flash and cuDNN backends) and eager attention that materialises p.
 
 (a) ours, output only; (b) ours with every one-pass statistic (lse, entropy, top-1, sink, offset 1,
-match / next_match with counts, keyset); (c) ours, the colsum pass alone (given the forward's lse);
+match / next_match with counts, keyset); (s) ours with the score statistics only (lse, entropy, top-1,
+sink, offset 1: no key set, no token ids), to show each group's cost at every S; (c) ours, the colsum pass alone (given the forward's lse);
 (d) SDPA flash; (d') SDPA cuDNN; (e) eager softmax(q k^T) v in bf16, until it runs out of memory.
 bf16, causal, MHA (H = Hkv so SDPA runs the same problem), B x H chosen to fill the GPU.
 Times are triton.testing.do_bench medians; every input set is >= 64 MB, beyond the 50 MB L2, so
@@ -91,8 +92,9 @@ def run(dims, seqs) -> list[dict]:
 
             fa = ours(StatsRequest())
             fb = ours(all_stats, token_ids=tok, keyset=kset)
+            fs = ours(SCORE_STATS)
             fc_setup = ours(StatsRequest(colsum=True))
-            cases = [("a", fa, "auto"), ("b", fb, "auto")] + ([] if NO_DENSE else [("bd", fb, "dense")])
+            cases = [("a", fa, "auto"), ("b", fb, "auto"), ("s", fs, "auto")] + ([] if NO_DENSE else [("bd", fb, "dense")])
             t0 = time.perf_counter()
             for tag, fn, path in cases:
                 ta.MATCH_PATH = path
@@ -135,20 +137,23 @@ def run(dims, seqs) -> list[dict]:
                 torch.cuda.empty_cache()
             else:
                 r["t_e"] = "OOM"
-            for tag in ("a", "b", "bd", "c", "d", "dp", "e"):
+            for tag in ("a", "b", "bd", "s", "c", "d", "dp", "e"):
                 t = r.get(f"t_{tag}")
                 if isinstance(t, float):
                     # colsum does one q.k product: half the forward's matrix FLOPs.
                     r[f"tflops_{tag}"] = (flops / 2 if tag == "c" else flops) / (t * 1e-3) / 1e12
             r["wall_s"] = time.perf_counter() - t0
             rows.append(r)
-            print(f"D={D} S={S}: " + ", ".join(f"{t}={r.get('t_' + t)}" for t in ("a", "b", "bd", "c", "d", "dp", "e")),
+            print(f"D={D} S={S}: " + ", ".join(f"{t}={r.get('t_' + t)}" for t in ("a", "b", "bd", "s", "c", "d", "dp", "e")),
                   flush=True)
             del q, k, v
             torch.cuda.empty_cache()
     return rows
 
 
+# The statistics read off the scores alone (no key set, no token ids): the group a flash kernel could
+# be asked for without extra inputs. Printed beside (b) so that each group's cost is visible at every S.
+SCORE_STATS = StatsRequest(lse=True, entropy=True, topk=1, sink_k=1, offsets=(1,))
 NO_EAGER = False
 NO_DENSE = False
 BREAKDOWN_DENSE = False  # also time each token-statistic row with match / next_match in the loop
@@ -163,11 +168,11 @@ def table(rows) -> str:
         "TFLOP/s (forward, causal, bf16; colsum counted at its own FLOPs = half a forward) and ratios;",
         f"token ids Zipf(a={EXPONENT}) over {VOCAB} ids; (b) match/next_match path auto, (b-dn) forced dense:",
         f"{'D':>4} {'S':>6} {'BxH':>7} | {'(a)out':>7} {'(b)stats':>8} {'(b-dn)':>7} {'(c)cols':>7} {'(d)flash':>8} "
-        f"{'(d)cudnn':>8} {'(e)eager':>8} | {'b/d':>5} {'b/dp':>5} {'tc/tb':>5} {'b/a':>5} | "
+        f"{'(d)cudnn':>8} {'(e)eager':>8} | {'b/d':>5} {'s/d':>5} {'b/dp':>5} {'tc/tb':>5} {'b/a':>5} | "
         f"{'peak b':>7} {'peak d':>7} {'peak e':>7} {'mem b/d':>7} {'xtra b/d':>8}",
     ]
     for r in rows:
-        tf = {t: r.get(f"tflops_{t}") for t in ("a", "b", "bd", "c", "d", "dp", "e")}
+        tf = {t: r.get(f"tflops_{t}") for t in ("a", "b", "bd", "s", "c", "d", "dp", "e")}
         ratio = lambda x, y: f"{x / y:5.2f}" if x and y else "    -"  # noqa: E731
         tc_tb = f"{r['t_c'] / r['t_b']:5.2f}" if isinstance(r.get("t_c"), float) else "    -"
         pe = f"{r['mem_e']:7.1f}" if isinstance(r.get("mem_e"), float) else f"{'OOM':>7s}"
@@ -176,9 +181,11 @@ def table(rows) -> str:
             f"{r['D']:>4} {r['S']:>6} {str(r['B']) + 'x' + str(r['H']):>7} | {fmt(tf['a']):>7} {fmt(tf['b']):>8} "
             f"{fmt(tf['bd']):>7} {fmt(tf['c']):>7} {fmt(tf['d']):>8} {fmt(tf['dp']):>8} "
             f"{fmt(tf['e']) if tf['e'] else ('OOM' if r.get('t_e') == 'OOM' else '-'):>8} | "
-            f"{ratio(tf['b'], tf['d'])} {ratio(tf['b'], tf['dp'])} {tc_tb} {ratio(tf['b'], tf['a'])} | "
+            f"{ratio(tf['b'], tf['d'])} {ratio(tf['s'], tf['d'])} {ratio(tf['b'], tf['dp'])} {tc_tb} {ratio(tf['b'], tf['a'])} | "
             f"{fmt(r.get('mem_b'), '7.2f'):>7} {fmt(pd, '7.2f'):>7} {pe} {ratio(r.get('mem_b'), pd)}    "
             f"{ratio(r.get('extra_b'), r.get('extra_d'))}  path {r.get('path_b')}, repeat {r['repeat']:.4f}")
+    lines.append("s/d: (s) = lse, entropy, top-1, sink_mass (k=1), offset_mass (1) only: no keyset, no token"
+                 " statistics (their cost is b/d against s/d; `--breakdown` splits it further).")
     lines.append("peak = GiB allocated at the peak of one call, inputs included (same inputs for every column);"
                  " xtra = the part above what was allocated before the call (outputs, statistics, workspace).")
     return "\n".join(lines)
