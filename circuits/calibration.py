@@ -37,9 +37,10 @@ class CalibrationError(HeadscopeError, ValueError):
 
 def check_beta(beta) -> float:
     beta = float(beta)
-    if not math.isfinite(beta) or beta <= 0:
-        raise CalibrationError(f"beta must be a finite number > 0 (got {beta}); beta = 1 changes nothing, "
-                               "beta -> 0 removes the sinks' attention (ACT uses 0.4).")
+    if not math.isfinite(beta) or not 0 < beta <= 1:
+        raise CalibrationError(f"beta must be a finite number in (0, 1] (got {beta}); beta = 1 changes nothing, "
+                               "beta -> 0 removes the sinks' attention (ACT uses 0.4); beta > 1 would make "
+                               "probabilities negative on rows where beta times the sink mass exceeds 1.")
     return beta
 
 

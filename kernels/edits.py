@@ -63,9 +63,12 @@ def validate_edits(H: int, B: int, Sk: int, head_mask, head_mask_mode, key_scale
             raise KernelInputError(f"head_mask_mode must be one of {HEAD_MASK_MODES}, got {head_mask_mode!r}.")
     if key_scale is not None:
         _check_per_head("key_scale.beta", key_scale.beta, H)
-        if (key_scale.beta <= 0).any():
-            raise KernelInputError(f"key_scale.beta must be > 0 (got {key_scale.beta.tolist()}); "
-                                   "beta -> 0 removes the keys' attention, beta = 1 changes nothing.")
+        if (key_scale.beta <= 0).any() or (key_scale.beta > 1).any():
+            # beta > 1 would give the rest of a row the factor (1 - beta S) / (1 - S) < 0 wherever
+            # beta S > 1: negative probabilities. A logit bias (key_bias) raises attention safely.
+            raise KernelInputError(f"key_scale.beta must be in (0, 1] (got {key_scale.beta.tolist()}); "
+                                   "beta -> 0 removes the keys' attention, beta = 1 changes nothing; "
+                                   "to raise attention on a key set use key_bias (a logit bias).")
         _check_keys("key_scale", key_scale.keys, B, Sk, H)
     if key_bias is not None:
         _check_per_head("key_bias.bias", key_bias.bias, H)

@@ -234,6 +234,9 @@ def attention_reference(
         r = None  # p = e * r when r is set (1/denom folded into each reduction), else p = e
         if grad:
             e, lse = _masked_softmax(s, vis)
+            if key_scale is not None:
+                # e is normalised here (r = 1); the ACT arithmetic is differentiable as it stands.
+                e = _apply_key_scale(e, torch.ones_like(e[..., :1]), key_scale.keys[..., lo:hi], key_scale.beta)
         else:
             for x0, x1 in _mask_bands(c0, c1, lo, hi, off, causal, window, all_valid):
                 band = visible_keys(Sq, Sk, key_valid, rows, x0, x1, causal, window)

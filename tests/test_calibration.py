@@ -118,7 +118,7 @@ def test_accuracy_counts_argmax_choices(model):
 
 
 def test_bad_input(model, batch):
-    for beta in (0.0, -0.4, float("nan"), float("inf")):
+    for beta in (0.0, -0.4, 1.05, float("nan"), float("inf")):
         with pytest.raises(CalibrationError):
             with calibrate(model, [(0, 0)], batch, beta=beta):
                 pass

@@ -214,6 +214,28 @@ def test_key_scale_is_act_arithmetic_and_differs_from_bias():
     assert torch.allclose(biased.double(), ref_b, atol=TOL)
 
 
+def test_key_scale_applies_under_autograd():
+    """With gradients on (any forward of a model outside no_grad), ACT must still change attention:
+    the differentiable path gives the no-grad path's numbers and gradients that see beta."""
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = _rand(gen)
+    keys = torch.zeros(2, 15, dtype=torch.bool)
+    keys[:, 0] = True
+    ks = KeyScale(torch.tensor([0.4, 1.0, 0.1, 0.4]), keys)
+    req = StatsRequest(keyset=True, entropy=True)
+    with torch.no_grad():
+        ref_out, ref = attention(q, k, v, stats=req, keyset=keys, key_scale=ks)
+    qg = q.clone().requires_grad_(True)
+    out, st = attention(qg, k, v, stats=req, keyset=keys, key_scale=ks)
+    assert torch.allclose(out, ref_out, atol=1e-5)
+    for name in ("keyset_mass", "entropy"):
+        assert torch.allclose(st[name], ref[name], atol=1e-5), name
+    plain, _ = attention(q, k, v)
+    assert (ref_out - plain).abs().max() > 1e-2  # the edit is not a no-op on these inputs
+    out.sum().backward()
+    assert torch.isfinite(qg.grad).all()
+
+
 def test_softcap_matches_eager():
     gen = torch.Generator().manual_seed(9)
     q, k, v = _rand(gen)
@@ -255,6 +277,8 @@ def test_bad_requests_raise():
         attention(q, q, q, key_scale=KeyScale(torch.tensor([0.0, 1.0]), torch.ones(1, 4, dtype=torch.bool)))
     with pytest.raises(KernelInputError, match="finite"):
         attention(q, q, q, key_scale=KeyScale(torch.tensor([math.nan, 1.0]), torch.ones(1, 4, dtype=torch.bool)))
+    with pytest.raises(KernelInputError, match=r"\(0, 1\]"):  # beta S > 1 would make probabilities negative
+        attention(q, q, q, key_scale=KeyScale(torch.tensor([1.05, 1.0]), torch.ones(1, 4, dtype=torch.bool)))
 
 
 @pytest.mark.parametrize("K", [1, 31, 33, 64, 100, 1024])
