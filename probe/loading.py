@@ -56,23 +56,28 @@ def _check_device(device) -> torch.device:
     return dev
 
 
-def load_model(spec=None, *, device="cpu", dtype: torch.dtype = torch.float32, tokenizer=None,
+def load_model(spec=None, *, device=None, dtype: torch.dtype | None = None, tokenizer=None,
                trust_remote_code: bool = False, device_map=None, name: str | None = None) -> HeadscopeModel:
     """Load a model for head analysis.
 
     Args:
         spec: None (the embedded SmolLM2-135M-Instruct), "all-minilm-l6-v2" (the embedded BERT-style
             encoder), a local transformers directory, a hub id, or a transformers model object.
-        device: "cpu", "cuda", "cuda:1", ...; dtype: parameter dtype.
+        device: "cpu" (the default), "cuda", "cuda:1", ...; dtype: parameter dtype (float32 by default).
+            With a model object, either one given moves the model (in place, as nn.Module.to does);
+            neither leaves it where it is.
         tokenizer: tokenizer to use with a model object (else loaded from the same place as the model).
         trust_remote_code: passed to transformers; off unless you ask.
         device_map: transformers device map (e.g. "auto" for models that do not fit one GPU).
     Returns:
         HeadscopeModel carrying the transformers model (`.hf`), its tokenizer and `ModelMeta`.
     """
-    dev = _check_device(device)
     if isinstance(spec, torch.nn.Module):
+        if device is not None or dtype is not None:
+            spec = spec.to(device=_check_device(device) if device is not None else None, dtype=dtype)
         return HeadscopeModel(spec, tokenizer if tokenizer is not None else _tokenizer_for(spec), name=name)
+    dev = _check_device(device if device is not None else "cpu")
+    dtype = dtype if dtype is not None else torch.float32
     if spec is None or spec in (EMBEDDED, "embedded"):
         hf, tok = _load_embedded(dtype)
         return HeadscopeModel(hf.to(dev), tok, name=name or EMBEDDED)

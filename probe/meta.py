@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import asdict, dataclass, field
 
 from .errors import HeadIndexError
@@ -9,6 +10,17 @@ from .errors import HeadIndexError
 # Bidirectional encoders: every other architecture transformers loads for us is a causal decoder.
 ENCODER_TYPES = ("bert", "roberta", "distilbert", "electra", "xlm-roberta", "deberta", "deberta-v2", "mpnet",
                  "modernbert", "albert", "camembert")
+
+
+def _index(x, what: str) -> int:
+    """An integer index as a plain int: numpy and 0-d torch integers too (np.unravel_index gives
+    those), but not bools or floats, which are more likely mistakes than indices."""
+    try:
+        if isinstance(x, bool):
+            raise TypeError
+        return operator.index(x)
+    except TypeError:
+        raise HeadIndexError(f"{what} must be an integer index, got {x!r} ({type(x).__name__}).") from None
 
 
 @dataclass(frozen=True)
@@ -31,14 +43,16 @@ class ModelMeta:
     def n_total_heads(self) -> int:
         return self.n_layers * self.n_heads
 
-    def check_layer(self, layer: int) -> int:
-        if not isinstance(layer, int) or not 0 <= layer < self.n_layers:
+    def check_layer(self, layer) -> int:
+        layer = _index(layer, "layer")
+        if not 0 <= layer < self.n_layers:
             raise HeadIndexError(f"layer {layer!r} out of range: {self.name} has layers 0..{self.n_layers - 1}.")
         return layer
 
-    def check_head(self, layer: int, head: int) -> tuple[int, int]:
-        self.check_layer(layer)
-        if not isinstance(head, int) or not 0 <= head < self.n_heads:
+    def check_head(self, layer, head) -> tuple[int, int]:
+        layer = self.check_layer(layer)
+        head = _index(head, "head")
+        if not 0 <= head < self.n_heads:
             raise HeadIndexError(f"head {head!r} out of range: {self.name} has heads 0..{self.n_heads - 1} per layer.")
         return layer, head
 

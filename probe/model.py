@@ -12,7 +12,8 @@ from headscope.kernels.stats import StatsRequest
 from .edits import LayerEdit
 from .errors import InputError, ModelLoadError
 from .meta import ModelMeta
-from .native import ModelState, StopForward, bind, register
+from .call_args import bound_arguments, call_cache, call_length, past_length
+from .native import ModelState, StopForward, bind, guard_cache, register, unguard_cache
 from .recorder import Recorder, _layers_arg, pattern_spec
 from .recording import Recording
 
@@ -87,7 +88,9 @@ class HeadscopeModel:
         self.tokenizer = tokenizer
         self.meta = ModelMeta.from_config(hf.config, name or getattr(hf, "name_or_path", None) or type(hf).__name__)
         self.attention_modules = find_attention_modules(hf, self.meta.n_layers)
-        self.state = ModelState(hf)
+        # One switchboard per transformers model: wrapping it again shares it, so the first wrapper
+        # keeps recording and editing (a second state would take the attention modules from it).
+        self.state = ModelState.of(hf)
         for layer, module in enumerate(self.attention_modules):
             bind(module, self.state, layer)
 
@@ -118,7 +121,11 @@ class HeadscopeModel:
         check_length(self.meta, n)
 
     def __call__(self, *args, **kwargs):
-        return self.hf(*args, **kwargs)
+        """The transformers forward; None when a recording's `stop_after_layer` ended it early."""
+        try:
+            return self.hf(*args, **kwargs)
+        except StopForward:
+            return None
 
     def generate(self, *args, **kwargs):
         return self.hf.generate(*args, **kwargs)
@@ -138,8 +145,9 @@ class HeadscopeModel:
             head_out: layers (or True) whose per-head outputs z [B, S, H, D] to keep.
             qkv: layers (or True) whose q, k, v to keep.
             keyset: [B, S] bool key set for `keyset_mass`.
-            stop_after_layer: skip the rest of the forward after this layer's attention (the
-                forward call then returns None); for collecting activations cheaply.
+            stop_after_layer: skip the rest of the forward after this layer's attention (then
+                `model(...)` returns None; a direct `model.hf(...)` call ends the block there,
+                the recording still complete); for collecting activations cheaply.
         Yields:
             a `Recording`, filled when the block exits.
         """
@@ -155,27 +163,35 @@ class HeadscopeModel:
                             keyset, stop_after_layer, max_pattern_bytes)
         if self.state.recorder is not None:
             raise InputError("a recording is already active on this model; recordings do not nest.")
-        handle = self.hf.register_forward_pre_hook(self._pre_hook(recorder), with_kwargs=True)
+        guarded: list = []
+        handle = self.hf.register_forward_pre_hook(self._pre_hook(recorder, guarded), with_kwargs=True)
         self.state.recorder = recorder
         try:
             with self.state.active():
-                yield rec
+                try:
+                    yield rec
+                except StopForward:
+                    # model.hf(...) called directly under stop_after_layer: the recording is complete,
+                    # and the block ends at that call (`model(...)` returns None instead).
+                    pass
         finally:
             self.state.recorder = None
             handle.remove()
+            for cache in guarded:
+                unguard_cache(cache)
         recorder.finish(rec)
 
-    def _pre_hook(self, recorder: Recorder):
+    def _pre_hook(self, recorder: Recorder, guarded: list):
         def hook(module, args, kwargs):
-            ids = kwargs.get("input_ids", args[0] if args else None)
-            embeds = kwargs.get("inputs_embeds")
-            ref = ids if ids is not None else embeds
-            if ref is None:
+            call = bound_arguments(module, args, kwargs)
+            ids, batch, n_new = call_length(call)
+            if n_new < 0:
                 raise InputError("the model was called without input_ids or inputs_embeds.")
-            # transformers >= 5.25 passes the KV cache as `cache` (before: `past_key_values`).
-            past = kwargs.get("cache", kwargs.get("past_key_values"))
-            n_past = int(past.get_seq_length()) if past is not None and hasattr(past, "get_seq_length") else 0
-            recorder.begin_call(ids, kwargs.get("attention_mask"), ref.shape[1], ref.shape[0], n_past)
+            cache = call_cache(call)
+            if cache is not None and not any(c is cache for c in guarded):
+                guard_cache(cache)
+                guarded.append(cache)
+            recorder.begin_call(ids, call.get("attention_mask"), n_new, batch, past_length(cache))
         return hook
 
     def run_recorded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,

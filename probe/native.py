@@ -22,7 +22,9 @@ import torch
 from headscope.kernels import KeyBias, KeyScale, StatsRequest, attention
 from headscope.kernels.errors import KernelInputError
 
+from .call_args import bound_arguments, call_cache, call_length, past_length
 from .edits import LayerEdit, merge_edits
+from .errors import RecordingError
 
 IMPL = "headscope"
 _NO_STATS = StatsRequest()
@@ -59,21 +61,47 @@ def headscope_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0, mas
 
 class ModelState:
     """Per-model switchboard: the active recorder, the active edits, and who turned the
-    headscope attention implementation on (restored when the last user leaves)."""
+    headscope attention implementation on (restored when the last user leaves).
+
+    `seq_len`: tokens of the sequence so far (cache + this call), set before each forward while
+    active; attention calls compare it with the keys they are given (sliding-window and static
+    caches hand over fewer or more keys than the sequence has)."""
 
     def __init__(self, hf):
         self.hf = hf
         self.recorder = None
         self.edits: dict[int, list[LayerEdit]] = {}
         self.backend = "auto"
+        self.seq_len: int | None = None
         self._users = 0
         self._saved_impl = None
+        self._hooks = ()
+
+    @classmethod
+    def of(cls, hf) -> "ModelState":
+        """The model's state, created on first use (kept on the model, so every wrapper shares it)."""
+        state = hf.__dict__.get("_headscope_state")
+        if state is None:
+            state = cls(hf)
+            hf.__dict__["_headscope_state"] = state  # a plain attribute: not a submodule, not saved
+        return state
+
+    def _track_length(self, module, args, kwargs):
+        call = bound_arguments(module, args, kwargs)
+        _, _, n_new = call_length(call)
+        self.seq_len = past_length(call_cache(call)) + n_new if n_new >= 0 else None
+
+    def _forget_length(self, module, args, output):
+        self.seq_len = None
 
     @contextmanager
     def active(self):
         if self._users == 0:
             self._saved_impl = self.hf.config._attn_implementation or "sdpa"
             self.hf.set_attn_implementation(IMPL)
+            # seq_len holds only during a call of the whole model (a call of a submodule sees None)
+            self._hooks = (self.hf.register_forward_pre_hook(self._track_length, with_kwargs=True),
+                           self.hf.register_forward_hook(self._forget_length))
         self._users += 1
         try:
             yield
@@ -81,6 +109,9 @@ class ModelState:
             self._users -= 1
             if self._users == 0:
                 self.hf.set_attn_implementation(self._saved_impl)
+                for h in self._hooks:
+                    h.remove()
+                self._hooks, self.seq_len = (), None
 
     def layer_edit(self, layer: int, H: int) -> LayerEdit | None:
         edits = self.edits.get(layer)
@@ -98,6 +129,64 @@ def _last(t: torch.Tensor | None, Sk: int) -> torch.Tensor | None:
     if t.shape[-1] < Sk:
         raise KernelInputError(f"a [..., S] mask covers {t.shape[-1]} positions but the layer sees {Sk} keys.")
     return t[..., t.shape[-1] - Sk:]
+
+
+def _edit_keys(keys: torch.Tensor, seq_len: int | None, Sk: int) -> torch.Tensor:
+    """An edit's key set [B, S] (or [B, H, S]) over the sequence -> the Sk keys of this call.
+
+    Positions past the set count as outside it (tokens generated after the prompt)."""
+    n = max(seq_len or 0, Sk)
+    if keys.shape[-1] < n:
+        keys = torch.cat([keys, keys.new_zeros(*keys.shape[:-1], n - keys.shape[-1])], -1)
+    return keys[..., :n][..., n - Sk:]
+
+
+class _GuardedCache:
+    """Refuses the cache operations a recording cannot follow (see `guard_cache`)."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    def __call__(self, *args, **kwargs):
+        raise RecordingError(
+            f"the KV cache's {self.name}() was called during a recording: beam search, assisted or "
+            "contrastive generation reorder or crop the cache, and the recording (one row per token "
+            "fed) would no longer match any returned sequence. Record greedy or sampled generation, "
+            "or record one forward pass over the generated text.")
+
+
+_CACHE_OPS = ("reorder_cache", "crop", "batch_select_indices", "batch_repeat_interleave")
+
+
+def guard_cache(cache) -> None:
+    """Make the cache raise instead of reordering or cropping while a recording is open."""
+    for name in _CACHE_OPS:
+        if hasattr(cache, name):
+            setattr(cache, name, _GuardedCache(name))
+
+
+def unguard_cache(cache) -> None:
+    for name in _CACHE_OPS:
+        if isinstance(cache.__dict__.get(name), _GuardedCache):
+            delattr(cache, name)
+
+
+def _whole_sequence_keys(key, value, seq_len: int, window):
+    """Keys and values of a sliding-window cache call, put back at their sequence positions.
+
+    The cache passes only the last Sk keys, which every statistic indexed by position would read
+    as keys 0..Sk-1 (argmax, colsum, patterns, sink, next_match's previous token). The keys it
+    dropped lie outside every query's window, so zeros in their place change no probability; the
+    kernel skips their tiles."""
+    Sk = key.shape[2]
+    if window is None:
+        raise KernelInputError(f"the layer was given {Sk} keys for a sequence of {seq_len} tokens and has no "
+                               "sliding window; headscope cannot place them. Record with the default "
+                               "(dynamic) cache.")
+    pad = seq_len - Sk
+    zeros = key.new_zeros(key.shape[0], key.shape[1], pad, key.shape[3])
+    vzeros = value.new_zeros(value.shape[0], value.shape[1], pad, value.shape[3])
+    return torch.cat([zeros, key], 2), torch.cat([vzeros, value], 2)
 
 
 def _plain_attention_suffices(state, rec, edit, key_valid, window, softcap, causal, query, Sq, Sk) -> bool:
@@ -123,12 +212,21 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
     if attention_mask is not None and attention_mask.dim() != 2:
         raise KernelInputError("headscope attention takes a [B, S] padding mask, not a prepared 4-D mask; "
                                "pass the 2-D attention_mask that the tokenizer returns.")
-    key_valid = _last(attention_mask, Sk)
     is_causal = kwargs.get("is_causal")
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
     rec = state.recorder if state is not None else None
     edit = state.layer_edit(layer, H) if state is not None else None
+    seq_len = state.seq_len if state is not None else None
+    if seq_len is not None and Sk > seq_len:
+        raise KernelInputError(
+            f"the layer was given {Sk} keys for a sequence of {seq_len} tokens: a static cache "
+            "(cache_implementation='static') hands over its empty slots too, and headscope places queries "
+            "after the last key. Record or edit with the default dynamic cache.")
+    if rec is not None and seq_len is not None and Sk < seq_len:
+        key, value = _whole_sequence_keys(key, value, seq_len, window)
+        Sk = seq_len
+    key_valid = _last(attention_mask, Sk)
 
     if _plain_attention_suffices(state, rec, edit, key_valid, window, kwargs.get("softcap"), causal, query, Sq, Sk):
         # Nothing to record and no edit of the attention itself (z edits, zero ablation, or edits on
@@ -141,7 +239,7 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
         request = rec.request if rec is not None else _NO_STATS
         key_scale = key_bias = None
         if edit is not None and edit.keys is not None:
-            keys = _last(edit.keys.to(query.device), Sk)
+            keys = _edit_keys(edit.keys.to(query.device), seq_len, Sk)
             if edit.key_scale_beta is not None:
                 key_scale = KeyScale(edit.key_scale_beta.to(query.device, torch.float32), keys)
             if edit.key_bias is not None:

@@ -28,6 +28,12 @@ _TENSOR_FIELDS = ("tokens", "attention_mask", "patterns", "head_out", "q", "k", 
 _FORMAT = "headscope.recording/1"
 
 
+def _with_extension(path: Path) -> Path:
+    """path + ".safetensors" unless it ends so already; appended, not swapped for a suffix, so
+    that "tau_0.5" and "tau_0.25" stay two files."""
+    return path if path.suffix == ".safetensors" else path.with_name(path.name + ".safetensors")
+
+
 @dataclass
 class Recording:
     meta: ModelMeta
@@ -113,9 +119,7 @@ class Recording:
         """Write one .safetensors file (tensors + JSON metadata in its header). Returns the path."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        if path.suffix != ".safetensors":
-            path = path.with_suffix(".safetensors")
+        path = _with_extension(Path(path))
         tensors = {f"stats.{k}": v.detach().cpu().contiguous() for k, v in self.stats.items()}
         for f in _TENSOR_FIELDS:
             t = getattr(self, f)
@@ -136,6 +140,8 @@ class Recording:
         from safetensors import safe_open
 
         path = Path(path)
+        if not path.exists() and _with_extension(path).exists():  # the name given to save()
+            path = _with_extension(path)
         try:
             with safe_open(str(path), framework="pt") as f:
                 header = json.loads((f.metadata() or {}).get("headscope", "null"))

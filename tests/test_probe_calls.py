@@ -1,0 +1,148 @@
+"""How the recorder follows the ways transformers gets called: positional arguments, caches that
+hand over fewer or more keys than the sequence has, generation modes that reorder the cache,
+early stops, a model wrapped twice. References: one plain forward over the same tokens."""
+
+import numpy as np
+import pytest
+import torch
+
+from headscope.kernels import KernelInputError
+from headscope.probe import HeadscopeModel, LayerEdit, RecordingError, StatsRequest, load_model
+from headscope.probe.recording import Recording
+
+ALL = StatsRequest.all(topk=2, sink_k=2, offsets=(1, 2), colsum=True)
+
+
+def _tiny_mistral(window: int):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MistralConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
+                        max_position_embeddings=256)
+    hf = MistralForCausalLM(cfg).eval()
+    for p in hf.parameters():  # peaked attention: argmax and masses far from uniform
+        if p.dim() > 1:
+            p.data.mul_(4.0)
+    return load_model(hf)
+
+
+def test_sliding_window_cache_decode_matches_one_forward():
+    """A sliding-window cache passes decode steps only the last `window` keys; every statistic
+    indexed by key position (argmax, colsum, patterns, sink, next_match's previous token) must
+    still come out at sequence positions."""
+    model = _tiny_mistral(window=5)
+    ids = torch.randint(3, 50, (2, 9))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding: the sink keys of row 1 start at position 2
+    with torch.no_grad(), model.record(ALL, patterns=[0]) as rec:
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, min_new_tokens=7,
+                             do_sample=False, use_cache=True)
+    seq = out[:, :-1]
+    _, ref = model.run_recorded(seq, torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype)], 1), ALL, patterns=[0])
+    q_ok = ref.attention_mask[:, None, None, :]
+    for name in ALL.names():
+        a, b = rec.stats[name], ref.stats[name]
+        if name != "colsum":
+            a = torch.where(q_ok.reshape(q_ok.shape + (1,) * (a.dim() - 4)), a, torch.zeros_like(a))
+            b = torch.where(q_ok.reshape(q_ok.shape + (1,) * (b.dim() - 4)), b, torch.zeros_like(b))
+        if name == "argmax":
+            assert torch.equal(a, b), name
+        else:
+            assert (a.double() - b.double()).abs().max() < 2e-5, name
+    assert (rec.patterns - ref.patterns).abs().max() < 1e-5
+
+
+def test_static_cache_is_refused(model):
+    batch = model.tokenize(["The capital of France is"])
+    with pytest.raises(KernelInputError, match="static cache"):
+        with torch.no_grad(), model.record(StatsRequest(entropy=True)):
+            model.generate(**batch, max_new_tokens=2, do_sample=False, cache_implementation="static")
+
+
+def test_beam_search_is_refused_and_the_cache_released(model):
+    batch = model.tokenize(["The capital of France is"])
+    with pytest.raises(RecordingError, match="reorder"):
+        with torch.no_grad(), model.record(StatsRequest(entropy=True)):
+            model.generate(**batch, max_new_tokens=3, num_beams=2, do_sample=False)
+    # outside a recording beam search runs as usual
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=3, num_beams=2, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3
+
+
+def test_positional_attention_mask_is_recorded(model):
+    batch = model.tokenize(["One two three four five six", "Hi"])
+    req = StatsRequest(entropy=True)
+    with torch.no_grad(), model.record(req) as by_name:
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    with torch.no_grad(), model.record(req) as by_position:
+        model(batch["input_ids"], batch["attention_mask"])
+    assert torch.equal(by_position.attention_mask, batch["attention_mask"].bool())
+    assert torch.equal(by_position.stats["entropy"], by_name.stats["entropy"])
+
+
+def test_stop_after_layer(model):
+    batch = model.tokenize(["The cat sat on the mat"])
+    req = StatsRequest(entropy=True)
+    with torch.no_grad(), model.record(req, stop_after_layer=3) as rec:
+        assert model(**batch) is None
+    assert rec.info["layers_run"] == [0, 1, 2, 3]
+    assert torch.isfinite(rec.stats["entropy"][:, :4]).all()
+    with torch.no_grad(), model.record(req, stop_after_layer=3) as rec2:
+        model.hf(**batch)  # the direct call ends the block, the recording is still complete
+        raise AssertionError("not reached")
+    assert torch.equal(rec2.stats["entropy"][:, :4], rec.stats["entropy"][:, :4])
+
+
+def test_wrapping_a_model_twice_shares_its_state(model):
+    batch = model.tokenize(["The cat sat on the mat"])
+    again = HeadscopeModel(model.hf, model.tokenizer)
+    assert again.state is model.state
+    with torch.no_grad(), model.record(StatsRequest(entropy=True)) as rec:
+        model(**batch)
+    assert torch.isfinite(rec.stats["entropy"]).all()
+    with torch.no_grad():
+        plain = model(**batch).logits
+        with model.edit_attention({0: LayerEdit(head_mask=torch.ones(model.meta.n_heads, dtype=torch.bool))}):
+            ablated = model(**batch).logits
+    assert (plain - ablated).abs().max() > 1e-2
+
+
+def test_edit_key_set_shorter_than_the_generated_sequence(model):
+    """LayerEdit keys cover the prompt; generated positions count as outside the set."""
+    batch = model.tokenize(["The capital of France is"])
+    S = batch["input_ids"].shape[1]
+    keys = torch.zeros(1, S, dtype=torch.bool)
+    keys[0, 0] = True
+    beta = torch.full((model.meta.n_heads,), 0.2)
+    edit = {l: LayerEdit(key_scale_beta=beta, keys=keys) for l in range(model.meta.n_layers)}
+    with torch.no_grad(), model.edit_attention(edit):
+        out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+        # the last step's logits equal one forward with the key set padded by False
+        full = out[:, :-1]
+        step = model(full, torch.ones_like(full)).logits[:, -1]
+    longer = {l: LayerEdit(key_scale_beta=beta, keys=torch.cat([keys, torch.zeros(1, 2, dtype=torch.bool)], 1))
+              for l in range(model.meta.n_layers)}
+    with torch.no_grad(), model.edit_attention(longer):
+        ref = model(full, torch.ones_like(full)).logits[:, -1]
+    assert (step - ref).abs().max() < 1e-4
+    assert out[0, -1] == ref.argmax()
+
+
+def test_save_keeps_dotted_names(model, tmp_path):
+    batch = model.tokenize(["The cat sat"])
+    with torch.no_grad(), model.record(StatsRequest(entropy=True)) as rec:
+        model(**batch)
+    a = rec.save(tmp_path / "tau_0.5")
+    b = rec.save(tmp_path / "tau_0.25")
+    assert a != b and a.name == "tau_0.5.safetensors" and b.exists()
+    assert torch.equal(Recording.load(tmp_path / "tau_0.5").stats["entropy"], rec.stats["entropy"])
+
+
+def test_numpy_and_tensor_indices(model):
+    layer, head = np.unravel_index(np.int64(5 * model.meta.n_heads + 2), (model.meta.n_layers, model.meta.n_heads))
+    assert model.meta.check_head(layer, head) == (5, 2)
+    assert model.meta.check_layer(torch.tensor(3)) == 3
+    with pytest.raises(Exception, match="integer index"):
+        model.meta.check_layer(2.0)
