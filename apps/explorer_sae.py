@@ -82,7 +82,7 @@ def render_sae() -> None:
     if cfg.site == "z":
         from headscope.sae.metrics import head_attribution
 
-        shares = head_attribution(sae)[int(latent)].numpy()
+        shares = head_attribution(sae, model.meta.n_heads, model.meta.head_dim)[int(latent)].numpy()
         st.plotly_chart(attribution_bars(shares, f"latent {latent}: decoder norm per head"), key="sae_attr")
     n_docs = st.number_input("documents of the embedded corpus to search (besides the prompt)", min_value=0,
                              max_value=256, value=8, step=4, key="sae_docs")

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from headscope.circuits.detectors import DetectorConfig, get_detector
+from headscope.circuits.detectors import DetectorConfig, check_params, get_detector
 from headscope.circuits.scores import KINDS
 from headscope.probe.errors import InputError
 
@@ -104,7 +104,9 @@ class RankOptions:
             if k in self.from_flags:
                 continue
             (cfg if k in _CONFIG_FIELDS else params)[k] = v
-        cfg.update(progress=not self.quiet, prompts_file=self.prompts)
+        cfg["progress"] = not self.quiet
+        if self.prompts is not None or "prompts_file" not in cfg:
+            cfg["prompts_file"] = self.prompts  # the top-level / flag value wins over a table's
         return DetectorConfig(**cfg, params=params)
 
 
@@ -184,8 +186,12 @@ def _check(opts: RankOptions) -> None:
             if not (exc.name or "").startswith("headscope."):
                 raise
             raise InputError(f"the {kind} detector is not available in this installation ({exc}).") from None
+        dcfg = opts.detector_config(kind)
+        check_params(kind, dcfg)
+        if dcfg.prompts_file is not None and dcfg.prompts_file != opts.prompts:
+            check_prompt_file(dcfg.prompts_file)  # set in the kind's own table
         minimum = getattr(detector, "min_seq_len", None)
-        seq_len = opts.detector_config(kind).seq_len
+        seq_len = dcfg.seq_len
         if minimum is not None and seq_len is not None and seq_len < minimum:
             raise InputError(f"--seq-len {seq_len} is too short for the {kind} detector: it needs at least "
                              f"{minimum} tokens.")

@@ -28,12 +28,15 @@ def add_sae_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--arch", choices=["topk", "batchtopk", "relu", "jumprelu"], default="topk")
     t.add_argument("--k", type=int, default=32)
     t.add_argument("--expansion", type=int, default=16)
-    t.add_argument("--tokens", type=int, default=1_000_000)
+    t.add_argument("--tokens", type=int, default=1_000_000,
+                   help="activations to collect (whole shards of up to 65,536 tokens; training repeats them)")
     t.add_argument("--out", required=True)
     t.add_argument("--corpus", default=None, help=".txt / .jsonl / saved HF dataset dir (default: embedded)")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--batch-size", type=int, default=1024)
-    t.add_argument("--sparsity-coeff", type=float, default=0.0, help="l1 (relu) / l0 (jumprelu) coefficient")
+    t.add_argument("--sparsity-coeff", type=float, default=None,
+                   help="l1 (relu) / l0 (jumprelu) coefficient; required for those two (topk / batchtopk "
+                        "fix their sparsity with --k)")
     t.add_argument("--dead-tokens", type=int, default=10_000_000)
     t.add_argument("--seq-len", type=int, default=256)
     t.add_argument("--model-batch", type=int, default=16)
@@ -41,7 +44,8 @@ def add_sae_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--acts-dir", default=None, help="cache activations here (reused when it exists)")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default=None)
+    t.add_argument("--device", default=None, help="where the model runs to collect activations; the SAE "
+                   "itself trains on the CPU")
     t.add_argument("--quiet", action="store_true")
     t.set_defaults(func=cmd_train)
 
@@ -74,6 +78,14 @@ def cmd_train(args) -> int:
     from headscope.sae.saelens_format import save_sae
     from headscope.sae.train import TrainConfig, new_sae, train
 
+    if args.arch in ("relu", "jumprelu") and not args.sparsity_coeff:
+        raise CLIError(f"--arch {args.arch} needs --sparsity-coeff > 0 (its l1 / l0 penalty); without one "
+                       "the SAE is trained dense.")
+    if args.arch in ("topk", "batchtopk") and args.sparsity_coeff:
+        raise CLIError(f"--sparsity-coeff does not apply to --arch {args.arch} (its sparsity is --k).")
+    args.sparsity_coeff = args.sparsity_coeff or 0.0
+    if args.tokens < args.batch_size:
+        raise CLIError(f"--tokens {args.tokens} is fewer than one batch (--batch-size {args.batch_size}).")
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise CLIError(f"{out} is not empty; pick a new --out or pass --resume (nothing was overwritten).")
@@ -88,17 +100,23 @@ def cmd_train(args) -> int:
     tc = TrainConfig(total_tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      sparsity_coeff=args.sparsity_coeff, checkpoint_every=args.checkpoint_every)
     acts = Path(args.acts_dir) if args.acts_dir else None
+    # what the activations are: a cache made with other data must not stand in for the one asked for
+    source = {"model": m.name, "layer": args.layer, "site": args.site, "corpus": args.corpus,
+              "seq_len": args.seq_len, "tokens": args.tokens, "seed": args.seed}
     if acts is not None and (acts / "manifest.json").exists():
         store = ActivationStore.open(acts)
-        info = store.info
-        if (info.get("model"), info.get("layer"), info.get("site")) != (m.name, args.layer, args.site):
-            raise CLIError(f"cached activations in {acts} are from {info}, not {m.name} layer {args.layer} {args.site}.")
+        cached = {k: store.info.get("source", store.info).get(k) for k in source}
+        if cached != source:
+            diff = {k: (cached[k], source[k]) for k in source if cached[k] != source[k]}
+            raise CLIError(f"cached activations in {acts} were collected with other settings "
+                           f"(cached, asked): {diff}; use another --acts-dir or delete this one.")
     else:
         bos = model.tokenizer.bos_token_id
         rows = packed_batches(model.tokenizer, corpus_texts(args.corpus, seed=args.seed), seq_len=args.seq_len,
                               batch_size=args.model_batch, bos_id=bos)
         store = ActivationStore(d_in=d_in, shard_tokens=min(65536, args.tokens), spill_dir=acts)
         store = collect(model, args.layer, args.site, rows, args.tokens, store=store, progress=not args.quiet)
+        store.info["source"] = source
         if acts is not None:
             store.save(acts)
     out.mkdir(parents=True, exist_ok=True)
@@ -116,7 +134,7 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     import torch
 
-    from headscope.sae.activations import stream_activations
+    from headscope.sae.activations import site_dim, stream_activations
     from headscope.sae.corpus import corpus_texts, packed_batches
     from headscope.sae.metrics import ce_loss_recovered, head_attribution, reconstruction_metrics, top_activating
     from headscope.sae.saelens_format import load_sae
@@ -128,6 +146,10 @@ def cmd_eval(args) -> int:
     if c.model and c.model != model.meta.name:
         raise CLIError(f"{d} was trained on {c.model!r}, not {model.meta.name!r}; pass the right --model.")
     model.meta.check_layer(c.layer)
+    sae = sae.to(model.device)  # the splice and the metrics meet the model's activations there
+    if site_dim(model.meta, c.site) != c.d_in:
+        raise CLIError(f"{d} reads {c.site} vectors of {c.d_in} dimensions; {model.meta.name} layer {c.layer} has "
+                       f"{site_dim(model.meta, c.site)}: load the model it was trained on.")
     rows = packed_batches(model.tokenizer, corpus_texts(args.corpus, seed=12345), seq_len=args.seq_len,
                           batch_size=args.model_batch, bos_id=model.tokenizer.bos_token_id)
     batches = [b for _, b in zip(range(args.batches), rows)]
@@ -135,7 +157,7 @@ def cmd_eval(args) -> int:
     res = {k: v for k, v in rec.items() if k != "density"}
     if c.site == "z":
         res |= ce_loss_recovered(model, sae, c.layer, batches)
-        attr = head_attribution(sae)
+        attr = head_attribution(sae, model.meta.n_heads, model.meta.head_dim)
         lat = torch.argsort(rec["density"], descending=True)[: args.top_latents].tolist()
         res["top_contexts"] = top_activating(model, sae, c.layer, batches, lat, n=3)
         res["head_attribution_of_listed"] = {i: attr[i].tolist() for i in lat}

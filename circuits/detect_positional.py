@@ -93,6 +93,8 @@ def natural_windows(model, config: DetectorConfig, defaults: dict, min_len: int,
 
 def detect_previous_token(model, config: DetectorConfig) -> DetectorResult:
     bos = _bos(model, config)
+    if config.validate:
+        _period(model, config, "validation")  # its [BOS] r r set needs a longer seq_len: fail before recording
     tokens, repeated = natural_windows(model, config, PREVIOUS_DEFAULTS, 2 + bos, "previous_token")
     first_query = 1 + bos
     queries = torch.zeros_like(tokens, dtype=torch.bool)
@@ -253,3 +255,10 @@ def detect_duplicate_token(model, config: DetectorConfig) -> DetectorResult:
             "tokens repeat; duplicate-token heads are one way to notice it (not the only one), so a "
             "weak ratio means other heads do that job here. Random sets exclude the top heads.")
     return result
+
+
+# Parameters each detector reads from `config.params` (misspelt ones are refused, not ignored).
+_COMMON = ("bos", "tl_exclude_bos", "tl_exclude_current_token", "validation_prompts")
+detect_previous_token.known_params = _COMMON
+detect_induction.known_params = _COMMON + ("prefix_period", "prefix_repeats")
+detect_duplicate_token.known_params = _COMMON

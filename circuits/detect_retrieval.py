@@ -12,6 +12,7 @@ Difference from the authors' script: it scores decode steps only, skipping the f
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -119,6 +120,16 @@ def run_trial(model: HeadscopeModel, prompt: NeedlePrompt, max_new_tokens: int |
                  scores=scores, emitted=emitted)
 
 
+def grid_walk(lengths, depths) -> list[tuple]:
+    """Every (length, depth) cell once, ordered so that the first max(nL, nD) cover every length and
+    every depth. Cell j is (j mod nL, j mod nD), distinct for j < lcm(nL, nD) (Chinese remainder);
+    each further block of lcm cells shifts the depth by one, which reaches the other gcd - 1 classes
+    of (length - depth) mod gcd."""
+    nL, nD = len(lengths), len(depths)
+    lcm = nL * nD // math.gcd(nL, nD)
+    return [(lengths[j % nL], depths[(j % nD + j // lcm) % nD]) for j in range(nL * nD)]
+
+
 def needle_prompts(model: HeadscopeModel, lengths, depths, n_trials: int, seed: int = 0,
                    needles: tuple[Needle, ...] = NEEDLES, haystack: str | None = None) -> list[NeedlePrompt]:
     """n_trials prompts over the grid lengths x depths, each with a needle drawn (seeded) from `needles`;
@@ -128,8 +139,7 @@ def needle_prompts(model: HeadscopeModel, lengths, depths, n_trials: int, seed: 
     rng = random.Random(seed)
     sentences = haystack_sentences(haystack)
     nL, nD = len(lengths), len(depths)
-    # a Latin-square walk: the first max(nL, nD) trials already cover every length and every depth
-    grid = [(lengths[i % nL], depths[(i + i // nL) % nD]) for i in range(nL * nD)]
+    grid = grid_walk(lengths, depths)
     out = []
     for t in range(n_trials):
         L, d = grid[t % len(grid)]

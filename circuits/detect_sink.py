@@ -85,6 +85,8 @@ def detect_sink(model, config: DetectorConfig) -> DetectorResult:
         int(_param(config, "min_queries"))
     if T < 2:
         raise InputError(f"sink needs seq_len >= 2 (Gu et al. use 64), got {T}.")
+    if n < 1:
+        raise InputError(f"n_prompts must be >= 1, got {n}.")
     if not 0 < eps < 1:
         raise InputError(f"sink eps must be in (0, 1), got {eps}.")
     bos = _bos(model, config)
@@ -139,3 +141,7 @@ def validate_sink(model, config: DetectorConfig, df, T: int, bos: bool):
                                  "removed (beta = 0, redistributed)",
                           notes="the sink is removed rather than the head zeroed (see detect_sink); "
                                 "random sets exclude the top heads")
+
+
+# Parameters read from `config.params` (misspelt ones are refused, not ignored).
+detect_sink.known_params = tuple(DEFAULTS) + ("compare_no_bos", "validation_prompts")

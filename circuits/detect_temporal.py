@@ -15,6 +15,8 @@ random heads. Temporal heads should hurt temporal facts, and hurt them more than
 
 from __future__ import annotations
 
+import warnings
+
 
 import numpy as np
 import torch
@@ -143,7 +145,10 @@ def detect_temporal(model: HeadscopeModel, config: DetectorConfig | None = None)
         raise InputError("the temporal detector needs facts of kind 'temporal'.")
     prob_t, ok_t = candidate_eval(model, temporal)
     # validation asks about the facts the model knows; patching about the facts whose year steers it
-    known = [f for f, ok in zip(temporal, ok_t.tolist()) if ok] or temporal
+    known = [f for f, ok in zip(temporal, ok_t.tolist()) if ok]
+    if not known:
+        warnings.warn("the model answers none of the temporal facts; validation asks about all of them "
+                      "(summary: validation_facts = 'all, none known').", stacklevel=2)
     n = config.n_prompts or DEFAULT_FACTS
     score, info = temporal_patching(model, temporal, n, p["heads_per_batch"], config.progress)
     patched = [f for f in temporal if any(k["prompt"] == f.prompt for k in info["facts"])] or temporal[:n]
@@ -153,6 +158,7 @@ def detect_temporal(model: HeadscopeModel, config: DetectorConfig | None = None)
                "n_patched": len(patched), "n_patched_used": len(info["facts"]),
                "temporal_candidate_prob": float(prob_t.mean()),
                "temporal_accuracy": float(ok_t.float().mean()),
+               "validation_facts": "known" if known else "all, none known",
                "patching": info}
     if invariant:
         prob_i, ok_i = candidate_eval(model, invariant)
@@ -161,5 +167,5 @@ def detect_temporal(model: HeadscopeModel, config: DetectorConfig | None = None)
     validation = None
     if config.validate and invariant and info["facts"]:
         validation, summary["invariant_validation"] = validate_temporal(
-            model, df, known, invariant, config.top_k, config.n_random, config.seed, p["ablation_mode"])
+            model, df, known or temporal, invariant, config.top_k, config.n_random, config.seed, p["ablation_mode"])
     return DetectorResult(kind="temporal", scores=df, summary=summary, validation=validation)

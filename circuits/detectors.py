@@ -64,5 +64,16 @@ def get_detector(kind: str) -> Callable[..., DetectorResult]:
     return getattr(importlib.import_module(module), fn)
 
 
+def check_params(kind: str, config: DetectorConfig) -> None:
+    """InputError for a kind-specific parameter the detector does not read (a typo would otherwise be
+    ignored and the default used). Detectors list theirs in a `known_params` attribute."""
+    known = getattr(get_detector(kind), "known_params", None)
+    unknown = sorted(set(config.params) - set(known)) if known is not None else []
+    if unknown:
+        raise InputError(f"unknown {kind} parameters {unknown}; known: {sorted(known)}.")
+
+
 def run_detector(model, kind: str, config: DetectorConfig | None = None) -> DetectorResult:
-    return get_detector(kind)(model, config or DetectorConfig())
+    config = config or DetectorConfig()
+    check_params(kind, config)
+    return get_detector(kind)(model, config)

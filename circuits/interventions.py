@@ -101,15 +101,29 @@ def resample_ablate(model: HeadscopeModel, heads, source, *, seed: int = 0):
 
     Args:
         source: a tokenized batch dict (or texts) whose z replace ours, position by position;
-            example b of the ablated batch gets source example perm[b] for a seeded random perm
-            (with replacement when the source is smaller). The source must be at least as long as
-            the inputs run inside the block (full forwards; cached decoding is not supported).
+            example b of the ablated batch gets source example perm[b] for one seeded random
+            permutation shared by every layer (drawn with replacement only when the source has
+            fewer examples than the batch). The source must be at least as long as the inputs run
+            inside the block (full forwards; cached decoding is not supported), and each real
+            (unpadded) position of an input must be a real position of its source example.
     """
     masks = heads_by_layer(model, heads)
     src = as_batches(model, source)
     if len(src) != 1:
         raise InputError("resample_ablate takes one source batch (texts or one tokenized dict).")
     zs = record_z(model, src[0], masks)
+    n_src, _, s_len, _ = next(iter(zs.values())).shape
+    src_mask = src[0].get("attention_mask")
+    src_real = src_mask.bool().cpu() if src_mask is not None else torch.ones(n_src, s_len, dtype=torch.bool)
+    perms: dict[int, torch.Tensor] = {}
+
+    def source_rows(B: int) -> torch.Tensor:
+        # one draw per batch size, so that every layer of an example resamples the same source example
+        if B not in perms:
+            gen = torch.Generator().manual_seed(seed)
+            perms[B] = (torch.randperm(n_src, generator=gen)[:B] if n_src >= B
+                        else torch.randint(0, n_src, (B,), generator=gen))
+        return perms[B]
 
     def z_fn(z, layer):
         B, _, Sq, _ = z.shape
@@ -117,7 +131,14 @@ def resample_ablate(model: HeadscopeModel, heads, source, *, seed: int = 0):
         if sz.shape[2] < Sq:
             raise InputError(f"resample source has {sz.shape[2]} positions but the input has {Sq}; "
                              "use a source batch at least as long as the inputs.")
-        idx = torch.randint(0, sz.shape[0], (B,), generator=torch.Generator().manual_seed(seed + layer))
+        idx = source_rows(B)
+        real = model.state.attention_mask
+        real = real[:, -Sq:].cpu() if real is not None else torch.ones(B, Sq, dtype=torch.bool)
+        bad = (real & ~src_real[idx, :Sq]).any(1)
+        if bad.any():
+            rows = bad.nonzero().flatten().tolist()
+            raise InputError(f"resample ablation: input rows {rows} have real tokens where their source examples "
+                             f"{idx[bad].tolist()} are padding; use source prompts at least as long as the inputs.")
         repl = sz[idx, :, :Sq].to(z.device, z.dtype)
         return torch.where(masks[layer].to(z.device)[None, :, None, None], repl, z)
 

@@ -7,6 +7,7 @@ from contextlib import contextmanager
 
 import math
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -69,6 +70,9 @@ def injection_sweep(model: HeadscopeModel, items=None, *, layers=None, taus=rang
     items = load_jsonl("multihop.jsonl") if items is None else items
     if not items:
         raise InputError("no prompts to sweep.")
+    if control and len(items) < 2:
+        raise InputError("control=True injects another item's memory: it needs at least two items "
+                         "(with one, the control would inject the item's own memory).")
     layers = list(range(model.meta.n_layers)) if layers is None else list(layers)
     qs = [it["question"] for it in items]
     ans = [it["answer"] for it in items]
@@ -83,7 +87,7 @@ def injection_sweep(model: HeadscopeModel, items=None, *, layers=None, taus=rang
             with inject_memory(model, mems, layer, tau):
                 after = answer_probs(model, qs, ans)
             rel = (after - base) / base
-            rows.append({"layer": layer, "tau": float(tau), "median_rel_change": float(rel.median()),
+            rows.append({"layer": layer, "tau": float(tau), "median_rel_change": float(np.median(rel.cpu().numpy())),
                          "mean_delta": float((after - base).mean()), "frac_improved": float((after > base).float().mean())})
     df = pd.DataFrame(rows)
     df.attrs["base_probs"] = base

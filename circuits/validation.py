@@ -65,6 +65,9 @@ def validate_heads(model, kind: str, top_heads, damage_fn: Callable[[object], fl
         ablate: (model, heads) -> context manager that removes those heads.
         higher_is_worse: False when damage_fn returns something that ablation should lower.
     """
+    if n_random < 1:
+        raise InputError(f"validation compares the top heads with random head sets: n_random must be >= 1, "
+                         f"got {n_random} (use validate=False to skip validation).")
     top = [(int(l), int(h)) for l, h in list(top_heads)[:k]]
     if len(top) < k:
         raise InputError(f"validation needs {k} top heads, got {len(top)}.")

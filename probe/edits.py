@@ -21,7 +21,7 @@ from .errors import InputError
 ZFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-@dataclass
+@dataclass(eq=False)  # identity: contexts remove exactly the edit they added (tensor fields have no ==)
 class LayerEdit:
     """One layer's attention intervention.
 

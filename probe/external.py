@@ -27,7 +27,10 @@ def batch_inputs(inputs, tokenizer, meta: ModelMeta, device, attention_mask=None
         batch = tokenize_texts(tokenizer, inputs, meta, device, prepend_bos=prepend_bos, padding_side=padding_side)
         return batch["input_ids"], batch["attention_mask"]
     if isinstance(inputs, dict):
-        return batch_inputs(inputs["input_ids"], tokenizer, meta, device, inputs.get("attention_mask"))
+        if attention_mask is not None and inputs.get("attention_mask") is not None:
+            raise InputError("two attention masks: the inputs dict has one and attention_mask= was given; pass one.")
+        mask = inputs.get("attention_mask") if attention_mask is None else attention_mask
+        return batch_inputs(inputs["input_ids"], tokenizer, meta, device, mask)
     if not isinstance(inputs, torch.Tensor) or inputs.dtype not in (torch.int32, torch.int64):
         raise InputError(f"give text, a list of texts, or integer token ids [B, S]; got {type(inputs).__name__}.")
     ids = inputs[None] if inputs.dim() == 1 else inputs

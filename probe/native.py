@@ -65,7 +65,8 @@ class ModelState:
 
     `seq_len`: tokens of the sequence so far (cache + this call), set before each forward while
     active; attention calls compare it with the keys they are given (sliding-window and static
-    caches hand over fewer or more keys than the sequence has)."""
+    caches hand over fewer or more keys than the sequence has). `attention_mask`: that call's
+    [B, S] padding mask (None when it has none), for edits that must know the real positions."""
 
     def __init__(self, hf):
         self.hf = hf
@@ -73,6 +74,7 @@ class ModelState:
         self.edits: dict[int, list[LayerEdit]] = {}
         self.backend = "auto"
         self.seq_len: int | None = None
+        self.attention_mask: torch.Tensor | None = None  # the running call's [B, S] padding mask, if any
         self._users = 0
         self._saved_impl = None
         self._hooks = ()
@@ -90,9 +92,11 @@ class ModelState:
         call = bound_arguments(module, args, kwargs)
         _, _, n_new = call_length(call)
         self.seq_len = past_length(call_cache(call)) + n_new if n_new >= 0 else None
+        mask = call.get("attention_mask")
+        self.attention_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
 
     def _forget_length(self, module, args, output):
-        self.seq_len = None
+        self.seq_len = self.attention_mask = None
 
     @contextmanager
     def active(self):
@@ -111,7 +115,7 @@ class ModelState:
                 self.hf.set_attn_implementation(self._saved_impl)
                 for h in self._hooks:
                     h.remove()
-                self._hooks, self.seq_len = (), None
+                self._hooks, self.seq_len, self.attention_mask = (), None, None
 
     def layer_edit(self, layer: int, H: int) -> LayerEdit | None:
         edits = self.edits.get(layer)

@@ -210,6 +210,11 @@ class ActivationStore:
         if self.n_shards == 0:
             raise ActivationError("the activation store is empty: collect activations first.")
         mix = max(1, min(mix_shards, self.n_shards))
+        if mix * self.shard_tokens < batch_size:
+            # every shard group would yield no batch: the loop below would spin forever
+            raise ActivationError(f"a batch of {batch_size} rows needs more activations than the store mixes at once "
+                                  f"({mix} shard(s) x {self.shard_tokens} tokens); collect more tokens or use a "
+                                  "smaller batch size.")
         b, epoch = 0, 0
         while True:
             order = torch.randperm(self.n_shards, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))

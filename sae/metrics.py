@@ -104,11 +104,17 @@ def ce_loss_recovered(model, sae, layer: int, token_batches: Iterable[torch.Tens
             "ce_recovered": (L["zero"] - L["sae"]) / denom if denom != 0 else float("nan")}
 
 
-def head_attribution(sae) -> torch.Tensor:
-    """[d_sae, H]: each latent's decoder norm share per head block (rows sum to 1)."""
-    H, D = sae.cfg.n_heads, sae.cfg.head_dim
-    if sae.cfg.site != "z" or H * D != sae.cfg.d_in:
+def head_attribution(sae, n_heads: int | None = None, head_dim: int | None = None) -> torch.Tensor:
+    """[d_sae, H]: each latent's decoder norm share per head block (rows sum to 1).
+
+    n_heads / head_dim: the model's, for SAEs whose config does not carry them (SAELens files
+    written elsewhere); by default the SAE's own."""
+    H, D = sae.cfg.n_heads or n_heads, sae.cfg.head_dim or head_dim
+    if sae.cfg.site != "z":
         raise ActivationError("head attribution needs an SAE on concatenated head outputs (site z).")
+    if not H or not D or H * D != sae.cfg.d_in:
+        raise ActivationError(f"head attribution: d_in {sae.cfg.d_in} is not n_heads x head_dim ({H} x {D}); "
+                              "pass the model's n_heads and head_dim.")
     norms = sae.W_dec.detach().reshape(sae.cfg.d_sae, H, D).norm(dim=-1)
     return norms / norms.sum(-1, keepdim=True).clamp_min(1e-12)
 

@@ -48,7 +48,11 @@ def to_saelens(sae: SAE, *, context_size: int = 256, prepend_bos: bool = True,
     if c.arch == "jumprelu":
         state["threshold"] = sae.log_threshold.exp()
     elif c.arch == "batchtopk":
-        state["threshold"] = sae.threshold.clamp_min(0).expand(c.d_sae)
+        if float(sae.threshold) < 0:
+            # SAELens reads it as a JumpReLU threshold: 0 would turn the SAE into a plain ReLU
+            raise SAEFormatError("this BatchTopK SAE has no inference threshold yet (it is estimated during "
+                                 "training); train it for at least one step before saving.")
+        state["threshold"] = sae.threshold.expand(c.d_sae)
     state = {k: v.detach().float().contiguous().cpu().clone() for k, v in state.items()}
     hook = (f"blocks.{c.layer}.attn.hook_z" if c.site == "z" else f"blocks.{c.layer}.hook_resid_post") if c.layer >= 0 else ""
     cfg = {"architecture": arch, "d_in": c.d_in, "d_sae": c.d_sae, "dtype": "float32", "device": "cpu",
@@ -101,6 +105,10 @@ def _our_config(cfg: dict) -> SAEConfig:
     if isinstance(cfg.get("headscope"), dict):
         return SAEConfig.from_dict(cfg["headscope"])
     meta = cfg.get("metadata") or {}
+    head_index = meta.get("hook_head_index", cfg.get("hook_head_index"))
+    if head_index is not None:
+        raise SAEFormatError(f"this SAE reads one head's output (hook_head_index={head_index}); headscope's "
+                             "SAEs read every head of a layer (hook_z concatenated), so it cannot be used here.")
     hook = meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point") or ""
     arch = cfg.get("architecture", "standard")
     kwargs = cfg.get("activation_fn_kwargs") or {}

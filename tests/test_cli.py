@@ -257,6 +257,25 @@ def test_rank_with_the_real_sink_and_previous_token_detectors(tmp_path, shared_m
     assert "induction" in err and "seq_len" in err and not (tmp_path / "short").exists()
 
 
+def test_kind_tables_typos_and_prompt_files(tmp_path, capsys):
+    """A misspelt kind parameter is refused before the model loads (it used to be ignored, leaving the
+    default in place); a prompts_file in a kind's table reaches that detector unless a flag overrides."""
+    from headscope.apps.rank_options import RankOptions
+
+    pytest.importorskip("headscope.circuits.detect_sink")
+    typo = tmp_path / "typo.toml"
+    typo.write_text("[detectors.sink]\nepsilon = 0.95\n")
+    assert run_cli("--config", str(typo), "--detectors", "sink", "--out", str(tmp_path / "t"), "--quiet") == 2
+    assert "unknown sink parameters ['epsilon']" in capsys.readouterr().err
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("one prompt\n")
+    opts = RankOptions(per_kind={"sink": {"prompts_file": str(prompts), "batch_size": 3}})
+    assert opts.detector_config("sink").prompts_file == str(prompts)
+    assert opts.detector_config("sink").batch_size == 3
+    assert RankOptions(prompts="flag.txt", per_kind={"sink": {"prompts_file": str(prompts)}}).detector_config(
+        "sink").prompts_file == "flag.txt"
+
+
 def test_long_prompts_scale_the_default_prompt_counts():
     """--seq-len 8192 keeps a CPU-sized job (fewer prompts), but explicit values still win."""
     from headscope.apps.rank_options import LONG_TOKEN_BUDGET, RankOptions

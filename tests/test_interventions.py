@@ -75,6 +75,47 @@ def test_resample_uses_source_z(model):
             model.hf(**src)
 
 
+def test_resample_draws_one_source_row_per_example_for_every_layer(model):
+    texts = ["One two three four five six seven eight.", "Red green blue yellow black white pink grey.",
+             "Monday Tuesday Wednesday Thursday Friday Saturday.", "North south east west up down left right."]
+    src = model.tokenize(texts, prepend_bos=True)
+    S = int(src["attention_mask"].sum(1).min())  # every source row is real on these positions
+    tgt = {"input_ids": src["input_ids"][:, :S].flip(0).contiguous(), "attention_mask": torch.ones(4, S, dtype=torch.long)}
+    layers = (2, 7, 11)
+    _, rs = model.run_recorded(src["input_ids"], src["attention_mask"], head_out=list(layers))
+    with resample_ablate(model, [(l, 0) for l in layers], src, seed=3):
+        _, rec = model.run_recorded(tgt["input_ids"], tgt["attention_mask"], head_out=list(layers))
+    rows = []
+    for l in layers:
+        z = rec.z(l)[:, :, 0]  # [B, S, D]
+        ref = rs.z(l)[:, :S, 0]
+        rows.append([int(((ref - z[b]).abs().amax((1, 2)) < 1e-5).nonzero()[0]) for b in range(4)])
+    assert rows[0] == rows[1] == rows[2]  # the same counterfactual example in every layer
+    assert sorted(rows[0]) == [0, 1, 2, 3]  # a permutation: no source row used twice
+
+
+def test_resample_refuses_padding_under_real_tokens(model):
+    src = model.tokenize(["Short one.", "A much longer source sentence with many more tokens in it."])
+    tgt = model.tokenize(["Another long target sentence, long enough to pass short.", "Tiny."])
+    with pytest.raises(InputError, match="padding"):
+        with resample_ablate(model, [(3, 1)], src, seed=0), torch.no_grad():
+            model.hf(**tgt)
+
+
+def test_nested_ablations_on_one_layer_unwind(model):
+    batch = model.tokenize(TEXTS, prepend_bos=True)
+    with torch.no_grad():
+        before = model.hf(**batch).logits
+        with ablate_heads(model, [(3, 1)]):
+            with ablate_heads(model, [(3, 2)]):
+                both = model.hf(**batch).logits
+            outer = model.hf(**batch).logits
+        assert model.state.edits == {}
+        after = model.hf(**batch).logits
+    assert (both - outer).abs().max() > 1e-4
+    assert torch.equal(before, after)
+
+
 def test_ablating_induction_heads_raises_loss_on_repeats(model, induction):
     ids, T, top, score = induction
     assert score.max() > 0.3, "the embedded model should have induction heads"

@@ -69,7 +69,8 @@ def test_sweep_table_and_heatmap(model):
     base = answer_probs(model, [it["question"] for it in items], [it["answer"] for it in items])
     with inject_memory(model, [it["memory"] for it in items], 6, 4):
         after = answer_probs(model, [it["question"] for it in items], [it["answer"] for it in items])
-    assert df.median_rel_change[0] == pytest.approx(float(((after - base) / base).median()), rel=1e-4)
+    rel = sorted(((after - base) / base).tolist())
+    assert df.median_rel_change[0] == pytest.approx((rel[0] + rel[1]) / 2, rel=1e-4)  # two items: their mean
     assert sweep_heatmap(df).data[0].z.shape == (1, 1)
 
 
@@ -92,3 +93,6 @@ def test_bad_input(model):
     with pytest.raises(InputError, match="NaN"):
         with model.add_to_attention_output(0, torch.full((model.meta.d_model,), float("nan"))):
             pass
+    with pytest.raises(InputError, match="at least two items"):  # a control with one item is the treatment
+        injection_sweep(model, [{"question": PROMPT, "memory": " Paris", "answer": " Paris"}], layers=[6], taus=[4],
+                        control=True)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from headscope.circuits.detect_retrieval import aggregate_retrieval, detect_retrieval, hit_scores, run_trial
+from headscope.circuits.detect_retrieval import aggregate_retrieval, detect_retrieval, grid_walk, hit_scores, run_trial
 from headscope.circuits.detectors import DetectorConfig
 from headscope.circuits.needle import NEEDLES, build_needle_prompt, haystack_sentences, rouge1_recall
 from headscope.probe.errors import InputError
@@ -58,6 +58,15 @@ def test_aggregation_bad_keys():
         aggregate_retrieval({"a": [0.1]})
     with pytest.raises(InputError):
         aggregate_retrieval({})
+
+
+@pytest.mark.parametrize("nL,nD", [(1, 2), (2, 3), (3, 2), (3, 4), (2, 2), (4, 6)])
+def test_grid_walk_visits_every_cell_before_repeating(nL, nD):
+    lengths, depths = list(range(nL)), [d / 10 for d in range(nD)]
+    walk = grid_walk(lengths, depths)
+    assert sorted(walk) == sorted((a, b) for a in lengths for b in depths)
+    first = walk[:max(nL, nD)]
+    assert {a for a, _ in first} == set(lengths) and {b for _, b in first} == set(depths)
 
 
 def test_rouge1_recall_by_hand():

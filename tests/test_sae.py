@@ -235,6 +235,12 @@ def test_ce_loss_recovered_against_manual_splice(model, trained_z_sae):
 def test_head_attribution_and_top_contexts(model, trained_z_sae):
     sae = trained_z_sae
     a = head_attribution(sae)
+    # an SAE whose config lacks the head shape (a SAELens file from elsewhere) takes the model's
+    bare = SAE(SAEConfig(**{**sae.cfg.to_dict(), "n_heads": 0, "head_dim": 0}))
+    bare.load_state_dict(sae.state_dict())
+    with pytest.raises(ActivationError, match="n_heads"):
+        head_attribution(bare)
+    torch.testing.assert_close(head_attribution(bare, 9, 64), a)
     assert a.shape == (1152, 9)
     torch.testing.assert_close(a.sum(-1), torch.ones(1152))
     i = 5
@@ -274,19 +280,52 @@ def test_cli_bad_inputs_leave_files_alone(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    assert main(["sae", "train", "--layer", "3", "--out", str(out), "--tokens", "1000"]) == 2
+    assert main(["sae", "train", "--layer", "3", "--out", str(out), "--tokens", "2048"]) == 2
     assert "not empty" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
-    assert main(["sae", "train", "--layer", "30", "--out", str(tmp_path / "a"), "--tokens", "1000"]) == 2
+    assert main(["sae", "train", "--layer", "30", "--out", str(tmp_path / "a"), "--tokens", "2048"]) == 2
     assert "layer" in capsys.readouterr().err
     assert main(["sae", "train", "--layer", "3", "--k", "100000", "--expansion", "1", "--out", str(tmp_path / "b"),
-                 "--tokens", "1000"]) == 2
+                 "--tokens", "2048"]) == 2
     assert "k=100000" in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("")
     assert main(["sae", "train", "--layer", "3", "--corpus", str(tmp_path / "empty.txt"), "--out",
-                 str(tmp_path / "c"), "--tokens", "1000"]) == 2
+                 str(tmp_path / "c"), "--tokens", "2048"]) == 2
     assert "empty" in capsys.readouterr().err
     assert main(["sae", "eval", str(tmp_path / "nothing")]) == 2
     assert "cfg.json" in capsys.readouterr().err
+    # options that would train something else than asked: refused before any work
+    assert main(["sae", "train", "--layer", "3", "--arch", "relu", "--out", str(tmp_path / "d")]) == 2
+    assert "--sparsity-coeff" in capsys.readouterr().err
+    assert main(["sae", "train", "--layer", "3", "--arch", "topk", "--sparsity-coeff", "0.1",
+                 "--out", str(tmp_path / "d")]) == 2
+    assert "does not apply" in capsys.readouterr().err
+    assert main(["sae", "train", "--layer", "3", "--tokens", "1000", "--out", str(tmp_path / "d")]) == 2
+    assert "fewer than one batch" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
+
+
+def test_cli_refuses_an_activation_cache_collected_otherwise(tmp_path, capsys):
+    """--acts-dir is reused only for the same model, layer, site, corpus, seq_len, tokens and seed."""
+    from headscope.apps.sae_cli import main
+
+    common = ["sae", "train", "--layer", "3", "--k", "8", "--expansion", "1", "--batch-size", "128",
+              "--model-batch", "4", "--tokens", "512", "--acts-dir", str(tmp_path / "acts"), "--quiet"]
+    assert main([*common, "--seq-len", "32", "--out", str(tmp_path / "a")]) == 0
+    assert main([*common, "--seq-len", "32", "--out", str(tmp_path / "b")]) == 0  # same settings: reused
+    capsys.readouterr()
+    assert main([*common, "--seq-len", "64", "--out", str(tmp_path / "c")]) == 2
+    assert "'seq_len': (32, 64)" in capsys.readouterr().err
+
+
+def test_store_refuses_a_batch_larger_than_its_shard_groups():
+    st = ActivationStore(d_in=4, shard_tokens=100)
+    st.add(torch.randn(100, 4))
+    st = st.finish()
+    with pytest.raises(ActivationError, match="smaller batch size"):
+        next(st.batches(128))
+    assert next(st.batches(64)).shape == (64, 4)
+
+
 
 
 def test_checkpoint_from_other_run_or_corrupted_is_refused(tmp_path):

@@ -78,3 +78,12 @@ def test_pre_6_config_and_bad_files(tmp_path):
         load_sae(tmp_path / "shape")
     with pytest.raises(SAEFormatError, match="refusing to overwrite"):
         save_sae(s, tmp_path / "shape", overwrite=False)
+    # one head's SAE (SAELens hook_head_index): headscope SAEs read every head of a layer
+    old["hook_head_index"] = 2
+    (tmp_path / "head").mkdir()
+    (tmp_path / "head" / "cfg.json").write_text(json.dumps(old))
+    with pytest.raises(SAEFormatError, match="hook_head_index=2"):
+        load_sae(tmp_path / "head")
+    # a BatchTopK SAE before training has no threshold; saving it would reload as a plain ReLU SAE
+    with pytest.raises(SAEFormatError, match="threshold"):
+        save_sae(SAE(SAEConfig(d_in=16, d_sae=32, arch="batchtopk", k=3)), tmp_path / "btk")

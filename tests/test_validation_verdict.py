@@ -34,3 +34,14 @@ def test_control_in_verdict_and_json():
     assert "Control (drop, invariant facts): the same top heads do 0.03 vs median 0.02" in v.verdict()
     d = json.loads(json.dumps(v.to_dict()))
     assert d["control"]["random_k_damage"] == 0.02 and d["control"]["random_k_damage_all"] == [0.01, 0.05, 0.02]
+
+
+def test_no_random_sets_is_refused():
+    """With zero random sets there is nothing to compare with: a verdict would read 'median nan'."""
+    import pytest
+
+    from headscope.circuits.validation import validate_heads
+    from headscope.probe.errors import InputError
+
+    with pytest.raises(InputError, match="n_random must be >= 1"):
+        validate_heads(None, "sink", [(0, 0)], lambda m: 0.0, k=1, n_random=0)
