@@ -172,6 +172,10 @@ def save_checkpoint(ckdir: Path, sae: SAE, opt, sched, tc: TrainConfig, step: in
     return final
 
 
+_SAE_RUN_KEYS = ("model", "layer", "site", "d_in", "d_sae", "arch", "k", "k_aux", "aux_coeff", "dead_tokens",
+                 "jumprelu_init_threshold", "jumprelu_bandwidth")
+
+
 def _same_run(a: dict, b: dict, keys) -> list[str]:
     return [f"{k}: checkpoint {a.get(k)!r} vs now {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
@@ -190,8 +194,10 @@ def load_checkpoint(ckdir: Path, sae: SAE, opt, sched, tc: TrainConfig) -> tuple
         blob = torch.load(d / "optimizer.pt", weights_only=True)
     except Exception as e:  # json, safetensors and torch each raise their own types on a damaged file
         raise CheckpointError(f"checkpoint {d} is corrupted or incomplete: {type(e).__name__}: {e}") from None
-    diffs = _same_run(state["sae_cfg"], sae.cfg.to_dict(), ("model", "layer", "site", "d_in", "d_sae", "arch", "k"))
-    diffs += _same_run(state["train_cfg"], asdict(tc), ("seed", "batch_size", "total_tokens", "lr"))
+    # every setting that shapes the trajectory must match for an exact resume (not the bookkeeping)
+    diffs = _same_run(state["sae_cfg"], sae.cfg.to_dict(), _SAE_RUN_KEYS)
+    now = json.loads(json.dumps(asdict(tc)))  # as the checkpoint stored it (tuples become lists)
+    diffs += _same_run(state["train_cfg"], now, [k for k in now if k not in ("checkpoint_every", "keep_checkpoints")])
     if diffs:
         raise CheckpointError(f"checkpoint {d} belongs to another run: " + "; ".join(diffs))
     try:

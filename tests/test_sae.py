@@ -339,6 +339,14 @@ def test_checkpoint_from_other_run_or_corrupted_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="model"):
         train(new_sae(other, st, tc), st, tc, out_dir=tmp_path, resume=True, progress=False)
     assert before == {p.name: p.read_bytes() for p in ck.iterdir()}  # nothing overwritten
+    # any training setting that changes the trajectory is another run too (not just seed / lr / size)
+    import dataclasses
+    for change in (dict(sparsity_coeff=0.1), dict(mix_shards=2), dict(warmup_frac=0.1)):
+        with pytest.raises(CheckpointError, match=next(iter(change))):
+            tc2 = dataclasses.replace(tc, **change)
+            train(new_sae(cfg, st, tc2), st, tc2, out_dir=tmp_path, resume=True, progress=False)
+    tc3 = dataclasses.replace(tc, checkpoint_every=8)  # bookkeeping only: resumes
+    train(new_sae(cfg, st, tc3), st, tc3, out_dir=tmp_path, resume=True, progress=False)
     (ck / "sae.safetensors").write_bytes(b"garbage")
     with pytest.raises(CheckpointError, match="corrupted"):
         train(new_sae(cfg, st, tc), st, tc, out_dir=tmp_path, resume=True, progress=False)
