@@ -144,4 +144,4 @@ def validate_sink(model, config: DetectorConfig, df, T: int, bos: bool):
 
 
 # Parameters read from `config.params` (misspelt ones are refused, not ignored).
-detect_sink.known_params = tuple(DEFAULTS) + ("compare_no_bos", "validation_prompts")
+detect_sink.known_params = ("eps", "sink_threshold", "min_queries", "bos", "compare_no_bos", "validation_prompts")

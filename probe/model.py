@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -70,6 +71,18 @@ def tokenize_texts(tokenizer, texts, meta: ModelMeta, device, *, prepend_bos: bo
         ids[i, sl] = torch.tensor(s, dtype=torch.long)
         mask[i, sl] = 1
     return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+
+
+def left_padded_positions(hf, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Position ids [B, S] counted from each row's first real token when some row is left-padded (as
+    generate() does), else None. Without them a model with absolute position embeddings (GPT-2, BERT)
+    sees a left-padded prompt at shifted positions and attends differently than to the prompt alone;
+    rotary models are unaffected either way."""
+    if attention_mask is None or bool(attention_mask[:, 0].all()):
+        return None
+    if "position_ids" not in inspect.signature(type(hf).forward).parameters:
+        return None
+    return (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
 class HeadscopeModel:
@@ -198,10 +211,11 @@ class HeadscopeModel:
                      stats: StatsRequest | None = None, **record_kwargs) -> tuple[object, Recording]:
         """One forward pass under `record` -> (model output or None if stopped early, Recording)."""
         out = None
+        kwargs = {"position_ids": pos} if (pos := left_padded_positions(self.hf, attention_mask)) is not None else {}
         with self.record(stats, **record_kwargs) as rec:
             try:
                 with torch.no_grad():
-                    out = self.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                    out = self.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
             except StopForward:
                 out = None
         return out, rec

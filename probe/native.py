@@ -105,7 +105,7 @@ class ModelState:
             self.hf.set_attn_implementation(IMPL)
             # seq_len holds only during a call of the whole model (a call of a submodule sees None)
             self._hooks = (self.hf.register_forward_pre_hook(self._track_length, with_kwargs=True),
-                           self.hf.register_forward_hook(self._forget_length))
+                           self.hf.register_forward_hook(self._forget_length, always_call=True))
         self._users += 1
         try:
             yield
@@ -145,34 +145,39 @@ def _edit_keys(keys: torch.Tensor, seq_len: int | None, Sk: int) -> torch.Tensor
     return keys[..., :n][..., n - Sk:]
 
 
-class _GuardedCache:
-    """Refuses the cache operations a recording cannot follow (see `guard_cache`)."""
-
-    def __init__(self, name: str):
-        self.name = name
-
-    def __call__(self, *args, **kwargs):
-        raise RecordingError(
-            f"the KV cache's {self.name}() was called during a recording: beam search, assisted or "
-            "contrastive generation reorder or crop the cache, and the recording (one row per token "
-            "fed) would no longer match any returned sequence. Record greedy or sampled generation, "
-            "or record one forward pass over the generated text.")
-
-
 _CACHE_OPS = ("reorder_cache", "crop", "batch_select_indices", "batch_repeat_interleave")
+_GUARDED: set[int] = set()  # id() of the caches open recordings follow
+
+
+def _refusing(name: str, original):
+    def method(self, *args, **kwargs):
+        if id(self) in _GUARDED:
+            raise RecordingError(
+                f"the KV cache's {name}() was called during a recording: beam search, assisted or "
+                "contrastive generation reorder or crop the cache, and the recording (one row per token "
+                "fed) would no longer match any returned sequence. Record greedy or sampled generation, "
+                "or record one forward pass over the generated text.")
+        return original(self, *args, **kwargs)
+
+    method._headscope_original = original
+    return method
 
 
 def guard_cache(cache) -> None:
-    """Make the cache raise instead of reordering or cropping while a recording is open."""
+    """Make this cache object raise instead of reordering or cropping while a recording is open.
+
+    The class's methods are wrapped once and refuse only for caches in `_GUARDED`: a copy of the
+    cache, or the cache after the recording, behaves as transformers wrote it."""
+    cls = type(cache)
     for name in _CACHE_OPS:
-        if hasattr(cache, name):
-            setattr(cache, name, _GuardedCache(name))
+        original = getattr(cls, name, None)
+        if original is not None and not hasattr(original, "_headscope_original"):
+            setattr(cls, name, _refusing(name, original))
+    _GUARDED.add(id(cache))
 
 
 def unguard_cache(cache) -> None:
-    for name in _CACHE_OPS:
-        if isinstance(cache.__dict__.get(name), _GuardedCache):
-            delattr(cache, name)
+    _GUARDED.discard(id(cache))
 
 
 def _whole_sequence_keys(key, value, seq_len: int, window):

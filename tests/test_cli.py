@@ -267,6 +267,11 @@ def test_kind_tables_typos_and_prompt_files(tmp_path, capsys):
     typo.write_text("[detectors.sink]\nepsilon = 0.95\n")
     assert run_cli("--config", str(typo), "--detectors", "sink", "--out", str(tmp_path / "t"), "--quiet") == 2
     assert "unknown sink parameters ['epsilon']" in capsys.readouterr().err
+    from headscope.circuits.detectors import DetectorConfig, check_params
+
+    check_params("sink", DetectorConfig(params={"bos": False, "eps": 0.5}))  # documented parameters pass
+    with pytest.raises(Exception, match="seq_len"):  # a config field given as a parameter would be ignored
+        check_params("sink", DetectorConfig(params={"seq_len": 128}))
     prompts = tmp_path / "p.txt"
     prompts.write_text("one prompt\n")
     opts = RankOptions(per_kind={"sink": {"prompts_file": str(prompts), "batch_size": 3}})

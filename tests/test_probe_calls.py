@@ -146,3 +146,52 @@ def test_numpy_and_tensor_indices(model):
     assert model.meta.check_layer(torch.tensor(3)) == 3
     with pytest.raises(Exception, match="integer index"):
         model.meta.check_layer(2.0)
+
+
+def test_cache_guard_ends_with_the_recording_and_skips_copies(model):
+    import copy
+
+    batch = model.tokenize(["The capital of France is"])
+    with torch.no_grad(), model.record(StatsRequest(entropy=True)):
+        out = model.hf(**batch, use_cache=True)
+        cache = out.past_key_values
+        model.hf(input_ids=batch["input_ids"][:, -1:], past_key_values=cache, use_cache=True)  # now followed
+        twin = copy.deepcopy(cache)
+        n = cache.get_seq_length()
+        with pytest.raises(RecordingError, match="crop"):
+            cache.crop(-1)
+        twin.crop(-2)  # a copy is not the cache the recording follows
+    cache.crop(-1)  # after the recording, plain transformers behaviour
+    assert cache.get_seq_length() == n - 1 and twin.get_seq_length() == n - 2
+
+
+def test_length_tracking_survives_a_stopped_forward(model):
+    """stop_after_layer raises inside the forward: the tracked length must not outlive that call."""
+    batch = model.tokenize(["The cat sat on the mat and looked at the dog"])
+    short = model.tokenize(["The cat"])
+    edit = {0: LayerEdit(head_mask=torch.zeros(model.meta.n_heads, dtype=torch.bool), head_mask_mode="uniform")}
+    with torch.no_grad(), model.edit_attention(edit):
+        with model.record(StatsRequest(entropy=True), stop_after_layer=1):
+            model(**short)
+        assert model.state.seq_len is None
+        base = model.hf.model(**batch).last_hidden_state  # a submodule call: no length tracked, no refusal
+    assert torch.isfinite(base).all()
+
+
+def test_left_padding_on_absolute_positions_matches_the_prompt_alone():
+    """run_recorded counts positions from each row's first real token, as generate() does: a
+    left-padded prompt on GPT-2 is recorded as the prompt alone."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt = load_model(GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=4, n_embd=64, vocab_size=50, n_positions=64)).eval())
+    ids = torch.randint(0, 50, (1, 9))
+    padded = torch.cat([torch.zeros(1, 3, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones(1, 9, dtype=torch.long)], 1)
+    req = StatsRequest(entropy=True, lse=True, topk=1)
+    _, alone = gpt.run_recorded(ids, torch.ones_like(ids), req)
+    _, left = gpt.run_recorded(padded, mask, req)
+    for name in ("entropy", "lse"):
+        assert (left.stats[name][..., 3:] - alone.stats[name]).abs().max() < 1e-5, name
+    assert (left.stats["max_prob"][..., 3:, :] - alone.stats["max_prob"]).abs().max() < 1e-5
+    assert torch.equal(left.stats["argmax"][..., 3:, :] - 3, alone.stats["argmax"])
