@@ -14,27 +14,43 @@ from .stats import StatsRequest
 BACKENDS = ("auto", "triton", "torch")
 
 
-def _validate(q, k, v, key_valid, token_ids, keyset, request, window, pattern_heads):
+# int32 range minus the two lowest values, which the kernels use as "no token" markers
+TOKEN_ID_MIN, TOKEN_ID_MAX = -(2**31) + 2, 2**31 - 1
+
+
+def _validate(q, k, v, key_valid, token_ids, keyset, request, window, pattern_heads, softcap=None):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise KernelInputError("q, k, v must be 4-D: q [B, H, Sq, D], k and v [B, Hkv, Sk, D].")
     B, H, Sq, D = q.shape
     Bk, Hkv, Sk, Dk = k.shape
     if Bk != B or v.shape[:3] != k.shape[:3] or Dk != D:
         raise KernelInputError(f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}.")
+    if B == 0:
+        raise KernelInputError("empty batch: q has no sequences.")
     if Hkv == 0 or H % Hkv:
         raise KernelInputError(f"query heads ({H}) must be a multiple of key/value heads ({Hkv}) for GQA.")
     if Sq > Sk:
         raise KernelInputError(f"more queries ({Sq}) than keys ({Sk}): queries are the last Sq key positions.")
     if Sq == 0:
         raise KernelInputError("empty input: the sequence has no tokens.")
-    if window is not None and window < 1:
-        raise KernelInputError(f"window must be >= 1 or None, got {window}.")
+    if window is not None and (isinstance(window, bool) or not hasattr(type(window), "__index__") or window < 1):
+        # an integer: the two paths would read 2.5 as i - j < 2.5 (torch) and < 2 (Triton)
+        raise KernelInputError(f"window must be an integer >= 1 or None, got {window!r}.")
+    if softcap is not None and not softcap > 0:
+        raise KernelInputError(f"softcap must be > 0 or None, got {softcap!r}.")
     for name, t, dtype in (("key_valid", key_valid, torch.bool), ("keyset", keyset, torch.bool)):
         if t is not None and (t.shape != (B, Sk) or t.dtype != dtype):
             raise KernelInputError(f"{name} must be a {dtype} tensor of shape [B, Sk] = [{B}, {Sk}], "
                                    f"got {tuple(t.shape)} {t.dtype}.")
-    if token_ids is not None and token_ids.shape != (B, Sk):
-        raise KernelInputError(f"token_ids must have shape [B, Sk] = [{B}, {Sk}], got {tuple(token_ids.shape)}.")
+    if token_ids is not None:
+        if token_ids.shape != (B, Sk):
+            raise KernelInputError(f"token_ids must have shape [B, Sk] = [{B}, {Sk}], got {tuple(token_ids.shape)}.")
+        if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
+            raise KernelInputError(f"token_ids must be an integer tensor, got {token_ids.dtype}.")
+        # the Triton path compares int32 ids and keeps the two lowest values as "no token" markers
+        if token_ids.numel() and (int(token_ids.min()) < TOKEN_ID_MIN or int(token_ids.max()) > TOKEN_ID_MAX):
+            raise KernelInputError(f"token ids must lie in [{TOKEN_ID_MIN}, {TOKEN_ID_MAX}], got "
+                                   f"[{int(token_ids.min())}, {int(token_ids.max())}].")
     if request.needs_tokens and token_ids is None:
         raise KernelInputError("match/next_match statistics compare token ids: pass token_ids [B, Sk].")
     if request.keyset and keyset is None:
@@ -75,7 +91,8 @@ def attention(
 
     Args:
         q: [B, H, Sq, D] queries; the Sq queries are the last Sq of the Sk key positions.
-        k, v: [B, Hkv, Sk, D] keys/values; H must be a multiple of Hkv (GQA, no copy).
+        k, v: [B, Hkv, Sk, D] keys/values; H must be a multiple of Hkv (GQA, no copy). v may have
+            its own head_dim Dv (MLA models) on the torch path; out is then [B, H, Sq, Dv].
         causal: mask keys after the query; False for encoders.
         sm_scale: score scale, default 1/sqrt(D).
         window: sliding window W: query i sees keys j with i - j < W (|i - j| < W if not causal).
@@ -94,7 +111,7 @@ def attention(
         out [B, H, Sq, D] in q's dtype; dict of float32 statistics (see `headscope.kernels.stats`).
     """
     request = stats or StatsRequest()
-    _validate(q, k, v, attention_mask, token_ids, keyset, request, window, pattern_heads)
+    _validate(q, k, v, attention_mask, token_ids, keyset, request, window, pattern_heads, softcap)
     validate_edits(q.shape[1], q.shape[0], k.shape[2], head_mask, head_mask_mode, key_scale, key_bias)
     if backend not in BACKENDS:
         raise KernelInputError(f"backend must be one of {BACKENDS}, got {backend!r}.")
@@ -110,6 +127,9 @@ def attention(
             "the fused Triton attention kernel has no backward pass. For gradients (head importance, "
             "attribution patching) run the model with attn_implementation='sdpa' or 'eager', or call "
             "headscope.kernels.attention(..., backend='torch'), whose chunked path is differentiable.")
+    if v.shape[-1] != q.shape[-1]:
+        raise KernelInputError(f"the Triton kernel needs v's head_dim equal to q's ({q.shape[-1]}), got "
+                               f"{v.shape[-1]} (e.g. MLA models): call with backend='torch'.")
     if key_scale is not None and key_scale.keys.dim() == 3:
         raise KernelInputError("per-head key sets (key_scale.keys [B, H, Sk]) are computed by the torch path "
                                "only: call with backend='torch' (or one key set [B, Sk] for all heads).")

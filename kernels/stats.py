@@ -10,7 +10,7 @@ q of shape [B, H, Sq, D] and k of shape [B, Hkv, Sk, D]:
 | entropy | [B, H, Sq] | -sum_j p_ij log p_ij |
 | argmax | [B, H, Sq, k] int64 | top-k key positions (-1 where the row has fewer keys) |
 | max_prob | [B, H, Sq, k] | their probabilities |
-| sink_mass | [B, H, Sq] | attention on the first `sink_k` non-padded keys |
+| sink_mass | [B, H, Sq] | attention on the `sink_k` key positions from the first non-padded key on (padded keys among them get none) |
 | offset_mass | [B, H, Sq, n] | p_{i, i-c} for each requested offset c |
 | match_mass, match_count | [B, H, Sq] | mass / number of keys j < i with tok_j == tok_i |
 | next_match_mass, next_match_count | [B, H, Sq] | mass / number of keys j <= i with tok_{j-1} == tok_i |
@@ -48,8 +48,9 @@ class StatsRequest:
     """Which attention statistics to compute (see module docstring for definitions and shapes).
 
     Only the requested statistics cost anything. `topk` > 0 yields `argmax` and `max_prob`
-    with that many entries per row; `sink_k` > 0 yields `sink_mass` over the first `sink_k`
-    non-padded keys; a non-empty `offsets` yields `offset_mass` (1 = previous token).
+    with that many entries per row; `sink_k` > 0 yields `sink_mass` over the `sink_k` key
+    positions starting at the first non-padded key; a non-empty `offsets` yields `offset_mass`
+    (1 = previous token).
     """
 
     lse: bool = False

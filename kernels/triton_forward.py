@@ -573,10 +573,13 @@ def _attn_fwd(
                 sa = tv
             else:
                 sa = tv * qk_scale
-            pa = tl.where(kc < TOPK, tl.exp2(sa - lse2[:, None]), -1.0)
+            # Listed keys only (ti >= 0) of rows that see a key: a row that sees none has lse2 = -inf
+            # and exp2(-inf + inf) = NaN; an unlisted slot ranks below a listed key whose p underflows.
+            listed = valid[:, None] & (kc < TOPK) & (ti >= 0)
+            pa = tl.where(listed, tl.exp2(sa - lse2[:, None]), -1.0)
             ia = ti
             if KEY_SCALE:
-                pa = tl.where(kc < TOPK, pa * crest[:, None], -1.0)
+                pa = tl.where(listed, pa * crest[:, None], -1.0)
         pb = tl.full([BLOCK_M, KPAD], -1.0, tl.float32)
         ib = ti
         if KEY_SCALE:
@@ -584,7 +587,7 @@ def _attn_fwd(
                 sb = tvs
             else:
                 sb = tvs * qk_scale
-            pb = tl.where(kc < TOPK, tl.exp2(sb - lse2[:, None]) * cset[:, None], -1.0)
+            pb = tl.where(valid[:, None] & (kc < TOPK) & (tis >= 0), tl.exp2(sb - lse2[:, None]) * cset[:, None], -1.0)
             ib = tis
         for r in tl.static_range(TOPK):
             va, ja = tl.max(pa, 1, return_indices=True)
@@ -596,7 +599,9 @@ def _attn_fwd(
             ix = tl.where(take_a, ida, idb)
             pa = tl.where((kc == ja[:, None]) & take_a[:, None], -1.0, pa)
             pb = tl.where((kc == jb[:, None]) & (~take_a)[:, None], -1.0, pb)
-            ok = valid & (pr > 0)
+            # -1 only where the row has no further visible key (a listed key whose p underflows to 0
+            # keeps its index, as in the torch path)
+            ok = valid & (pr >= 0) & (ix >= 0)
             pr = tl.where(ok, pr, 0.0)
             ix = tl.where(ok, ix, -1)
             if HAS_ZERO:

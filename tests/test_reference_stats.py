@@ -277,6 +277,17 @@ def test_bad_requests_raise():
         attention(q, q, q, key_scale=KeyScale(torch.tensor([0.0, 1.0]), torch.ones(1, 4, dtype=torch.bool)))
     with pytest.raises(KernelInputError, match="finite"):
         attention(q, q, q, key_scale=KeyScale(torch.tensor([math.nan, 1.0]), torch.ones(1, 4, dtype=torch.bool)))
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with pytest.raises(KernelInputError, match="integer tensor"):  # 1.2 and 1.7 would both become token 1
+        attention(q, q, q, stats=StatsRequest(match=True), token_ids=ids.float())
+    with pytest.raises(KernelInputError, match="must lie in"):  # 2**32 + 5 would equal 5 as an int32
+        attention(q, q, q, stats=StatsRequest(match=True), token_ids=ids + 2**32 + 5)
+    with pytest.raises(KernelInputError, match="window"):  # 2.5 reads as < 2.5 on one path, < 2 on the other
+        attention(q, q, q, window=2.5)
+    with pytest.raises(KernelInputError, match="softcap"):
+        attention(q, q, q, softcap=0.0)
+    with pytest.raises(KernelInputError, match="empty batch"):
+        attention(q[:0], q[:0], q[:0])
     with pytest.raises(KernelInputError, match=r"\(0, 1\]"):  # beta S > 1 would make probabilities negative
         attention(q, q, q, key_scale=KeyScale(torch.tensor([1.05, 1.0]), torch.ones(1, 4, dtype=torch.bool)))
 

@@ -26,7 +26,7 @@ os.environ["TRITON_INTERPRET"] = "1"
 
 triton = pytest.importorskip("triton")
 
-from headscope.kernels import (BackwardNotSupportedError, KeyBias, KeyScale, StatsRequest,  # noqa: E402
+from headscope.kernels import (BackwardNotSupportedError, KernelInputError, KeyBias, KeyScale, StatsRequest,  # noqa: E402
                                attention, attention_reference)
 
 _MODS = ("headscope.kernels.triton_forward", "headscope.kernels.triton_colsum",
@@ -245,6 +245,44 @@ def test_topk(topk, key_scale):
     req = StatsRequest(lse=True, topk=topk)
     run_case(dict(name=f"topk{topk}_ks{key_scale}", B=1, H=2, Hkv=1, Sq=36, Sk=36, D=64, key_scale=key_scale,
                   pad="left"), request=req)
+
+
+@pytest.mark.parametrize("topk", [2, 4])
+def test_topk_filling_the_list_with_rows_that_see_nothing(topk):
+    """topk = KPAD (no spare slot) on blocks where some rows see no key (left-padded queries): those
+    rows get -1 / 0, the others the reference's list (the interpreter once failed on an all-NaN row)."""
+    g = torch.Generator().manual_seed(SEED)
+    q, k, v = (torch.randn(1, 1, 8, 16, generator=g) for _ in range(3))
+    mask = torch.tensor([[True] * 4 + [False] * 4])  # with window 2, rows 6 and 7 see no key
+    req = StatsRequest(lse=True, topk=topk)
+    _, st = attention(q, k, v, window=2, attention_mask=mask, stats=req, backend="triton")
+    _, ref = attention(q, k, v, window=2, attention_mask=mask, stats=req, backend="torch")
+    assert torch.equal(st["argmax"], ref["argmax"]) and st["argmax"][0, 0, 6:].eq(-1).all()
+    assert (st["max_prob"] - ref["max_prob"]).abs().max() < 1e-5
+
+
+def test_topk_keeps_a_visible_key_whose_probability_underflows():
+    """-1 marks a row with no further visible key, not a probability that rounds to 0 in float32."""
+    q = torch.zeros(1, 1, 4, 64)
+    q[..., 0] = 1.0
+    k = torch.zeros(1, 1, 4, 64)
+    k[0, 0, 0, 0] = 2000.0  # key 0 beats key 1 by 250 nats at scale 1/8: exp underflows
+    v = torch.randn(1, 1, 4, 64)
+    _, st = attention(q, k, v, stats=StatsRequest(topk=2), backend="triton")
+    _, ref = attention(q, k, v, stats=StatsRequest(topk=2), backend="torch")
+    # keys 1..3 all underflow (the reference clamps them to one tiny value: their order is a tie)
+    assert torch.equal(st["argmax"] < 0, ref["argmax"] < 0)
+    assert st["argmax"][0, 0, 1].tolist() == [0, 1] and (st["argmax"][0, 0, 1:] >= 0).all()
+    assert (st["max_prob"] - ref["max_prob"]).abs().max() < 1e-6
+
+
+def test_v_head_dim_must_match_on_the_triton_path():
+    q = torch.randn(1, 2, 8, 64)
+    v = torch.randn(1, 2, 8, 32)
+    with pytest.raises(KernelInputError, match="backend='torch'"):
+        attention(q, q, v, backend="triton")
+    out, _ = attention(q, q, v, backend="torch")  # MLA-style shapes: the torch path handles them
+    assert out.shape == (1, 2, 8, 32)
 
 
 def test_top1_with_key_scale_and_uniform_ties():
