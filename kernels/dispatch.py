@@ -47,8 +47,11 @@ def _validate(q, k, v, key_valid, token_ids, keyset, request, window, pattern_he
             raise KernelInputError(f"token_ids must have shape [B, Sk] = [{B}, {Sk}], got {tuple(token_ids.shape)}.")
         if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
             raise KernelInputError(f"token_ids must be an integer tensor, got {token_ids.dtype}.")
-        # the Triton path compares int32 ids and keeps the two lowest values as "no token" markers
-        if token_ids.numel() and (int(token_ids.min()) < TOKEN_ID_MIN or int(token_ids.max()) > TOKEN_ID_MAX):
+        # The Triton path compares int32 ids and keeps the two lowest values as "no token" markers.
+        # Checked on the CPU only: on a GPU reading min / max back would stall every layer's call,
+        # and vocabularies are far below 2**31.
+        if (token_ids.numel() and not token_ids.is_cuda
+                and (int(token_ids.min()) < TOKEN_ID_MIN or int(token_ids.max()) > TOKEN_ID_MAX)):
             raise KernelInputError(f"token ids must lie in [{TOKEN_ID_MIN}, {TOKEN_ID_MAX}], got "
                                    f"[{int(token_ids.min())}, {int(token_ids.max())}].")
     if request.needs_tokens and token_ids is None:
