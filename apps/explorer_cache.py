@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import streamlit as st
 
 from . import explorer_state as S
@@ -16,8 +18,16 @@ def get_model(spec: str):
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def get_report(path: str) -> S.Report:
+def get_report(path: str, stamp: tuple = ()) -> S.Report:
+    """The report at `path`; `stamp` (files' mtimes and sizes) makes a rewritten report load anew."""
     return S.load_report(path)
+
+
+def file_stamp(path: str, names=("heads.json", "heads.csv")) -> tuple:
+    """(name, mtime_ns, size) of the files a report or SAE directory is read from (path itself if a file)."""
+    p = Path(path).expanduser()
+    files = [p / n for n in names] if p.is_dir() else [p]
+    return tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())
 
 
 @st.cache_resource(show_spinner=False, max_entries=32)
@@ -46,7 +56,7 @@ def prompt_maps(spec: str, prompt: str) -> dict:
 def current_report():
     """The report named in the sidebar, or None; a bad directory raises ReportError (in-page error)."""
     path = st.session_state.get("report_dir", "").strip()
-    return get_report(path) if path else None
+    return get_report(path, file_stamp(path)) if path else None
 
 
 def current_model():

@@ -28,7 +28,9 @@ def _detector_maps(model) -> dict[str, np.ndarray]:
     except ImportError as exc:
         st.info(f"head detectors are not available in this install ({exc}).")
         return {}
-    maps = st.session_state.setdefault("detector_maps", {})
+    # per model: a map scored on another model would offer heads this one does not have
+    spec = st.session_state.get("model_spec", "")
+    maps = st.session_state.setdefault("detector_maps", {}).setdefault(spec, {})
     with st.expander("Score heads with a detector on the loaded model"):
         kind = st.selectbox("detector", KINDS, key="det_kind")
         n_prompts = st.number_input("prompts", min_value=1, max_value=64, value=4, key="det_n")
@@ -75,10 +77,17 @@ def render_headmap() -> None:
                     selection_mode="points", width="content")
     if selected is not None:
         st.metric(f"{kind} score of layer {selected[0]} head {selected[1]}", f"{grid[selected]:.4f}")
-    order = np.argsort(-np.nan_to_num(grid.ravel(), nan=-np.inf))[:10]
     st.subheader("Top heads")
-    st.dataframe([{"rank": i + 1, "layer": int(o // H), "head": int(o % H), "score": float(grid.ravel()[o])}
-                  for i, o in enumerate(order)], hide_index=True)
+    if report is not None and kind in report.kinds:
+        # the report's own ranks (its order among tied scores), so both views list the same heads
+        top = report.scores[report.scores["kind"] == kind].sort_values("rank").head(10)
+        rows = [{"rank": int(r["rank"]), "layer": int(r["layer"]), "head": int(r["head"]), "score": float(r["score"])}
+                for _, r in top.iterrows()]
+    else:
+        order = np.argsort(-np.nan_to_num(grid.ravel(), nan=-np.inf), kind="stable")[:10]
+        rows = [{"rank": i + 1, "layer": int(o // H), "head": int(o % H), "score": float(grid.ravel()[o])}
+                for i, o in enumerate(order)]
+    st.dataframe(rows, hide_index=True)
     if report is not None and kind in report.validation:
         v = report.validation[kind]
         st.caption(v.get("verdict") or f"causal validation: top-{v.get('k')} damage {v.get('top_k_damage')} vs "

@@ -25,7 +25,11 @@ def render_intervene() -> None:
     model = C.current_model()
     meta = model.meta
     default = f"{st.session_state.get('sel_layer', 0)}.{st.session_state.get('sel_head', 0)}"
-    text = st.text_input("Heads (layer.head, comma separated)", value=default, key="iv_heads")
+    if st.session_state.get("iv_heads_default") != default:
+        # a head picked in the sidebar (or on the head map) replaces what the box held
+        st.session_state["iv_heads_default"] = default
+        st.session_state["iv_heads"] = default
+    text = st.text_input("Heads (layer.head, comma separated)", key="iv_heads")
     mode = st.radio("Intervention", MODES, horizontal=True, key="iv_mode")
     beta = st.slider("beta (ACT: attention on sink tokens is scaled by beta)", 0.05, 1.0, 0.4, 0.05,
                      key="iv_beta") if mode == "ACT calibration" else 1.0

@@ -30,9 +30,10 @@ def render_pattern() -> None:
     with st.spinner(f"recording statistics of layer {layer} head {head}..."):
         stats = C.statistics_view(spec, prompt, layer, head)
     c = st.columns(4)
-    c[0].metric("mean entropy (nats)", f"{stats['entropy'].mean():.3f}")
+    # from position 1 on, as the head map's prompt maps: position 0 sees only itself
+    c[0].metric("mean entropy (nats)", f"{stats['entropy'][1:].mean():.3f}")
     c[1].metric("mean sink mass", f"{stats['sink_mass'][1:].mean():.3f}")
     c[2].metric("mean previous-token mass", f"{stats['prev_token_mass'][1:].mean():.3f}")
-    c[3].metric("mean max prob", f"{stats['max_prob'].mean():.3f}")
+    c[3].metric("mean max prob", f"{stats['max_prob'][1:].mean():.3f}")
     st.plotly_chart(statistics_lines(stats, title), key="stats_fig")
     st.dataframe(stats, hide_index=True, key="stats_table")

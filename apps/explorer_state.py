@@ -191,6 +191,9 @@ def _offset_mean(rec, positions) -> np.ndarray:
 # ---- next-token distributions -------------------------------------------------------------------
 def next_token_probs(model, ids: torch.Tensor) -> torch.Tensor:
     """Next-token probabilities [vocab] after the prompt's last position."""
+    if not model.meta.causal:
+        raise ReportError(f"{model.meta.name} is an encoder without a next-token head: interventions are "
+                          "compared on next-token distributions, so load a causal language model.")
     with torch.no_grad():
         logits = model(input_ids=ids, use_cache=False).logits[0, -1].float()
     return torch.softmax(logits, dim=-1)

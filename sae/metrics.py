@@ -141,7 +141,8 @@ def top_activating(model, sae, layer: int, token_batches: Iterable[torch.Tensor]
                 if val > 0:
                     best[lat].append((val, base + p // S1, p % S1 + 1))
             best[lat] = sorted(best[lat], reverse=True)[:n]
-    allrows = torch.cat(rows) if rows else None
+    # one sequence per row, whatever each batch's length (a prompt beside 128-token corpus windows)
+    allrows = [r for batch in rows for r in batch]
     tok = model.tokenizer
     out = []
     for lat in latents:

@@ -125,7 +125,15 @@ def _our_config(cfg: dict) -> SAEConfig:
         raise SAEFormatError("apply_b_dec_to_input=False is not supported.")
     parts = hook.split(".")
     layer = int(parts[1]) if len(parts) > 1 and parts[0] == "blocks" and parts[1].isdigit() else -1
-    site = "z" if hook.endswith("hook_z") else "resid"
+    if hook.endswith("hook_z"):
+        site = "z"
+    elif hook.endswith("hook_resid_post") or not hook:
+        site = "resid"
+    else:
+        # our "resid" site is resid_post; reading a resid_pre / mlp_out SAE there would feed it the
+        # wrong vectors without an error
+        raise SAEFormatError(f"hook {hook!r} is not supported: headscope reads SAEs on hook_z (head outputs) "
+                             "or hook_resid_post.")
     k = int(cfg.get("k", kwargs.get("k", 32)))
     return SAEConfig(d_in=int(cfg["d_in"]), d_sae=int(cfg["d_sae"]), arch=ours, k=min(k, int(cfg["d_sae"])),
                      model=meta.get("model_name") or cfg.get("model_name") or "", layer=layer, site=site)

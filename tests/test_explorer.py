@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -144,6 +145,14 @@ def test_head_map_from_report_and_head_selection(app, report_dir):
 
     at.radio(key="kind").set_value("sink").run()
     assert at.metric[0].value == f"{grids['sink'][4, 7]:.4f}"
+    # the report rewritten in place (a new `headscope rank --out` run): a fresh session shows it
+    csv = path / "heads.csv"
+    df = pd.read_csv(csv)
+    df.loc[(df["kind"] == "sink") & (df["layer"] == 4) & (df["head"] == 7), "score"] = 0.123456
+    df.to_csv(csv, index=False)
+    at2 = app(report=str(path), layer=4, head=7)
+    at2.radio(key="kind").set_value("sink").run()
+    assert at2.metric[0].value == "0.1235"
     at.sidebar.number_input(key="sel_layer").set_value(30).run()
     assert any("invalid head selection" in e and "layer 30" in e for e in errors(at))
 
@@ -201,6 +210,17 @@ def test_pattern_view_equals_softmax_of_q_k(app, model):
     ent = -(expected * np.log(np.clip(expected, 1e-300, None))).sum(-1)
     np.testing.assert_allclose(stats["entropy"], ent, atol=1e-4)
     np.testing.assert_array_equal(stats["argmax"], expected.argmax(-1))
+
+
+def test_pattern_page_means_equal_the_prompt_map(app, model):
+    """Both views average over positions 1.. (position 0 attends only to itself)."""
+    at = app(page="Attention pattern", layer=3, head=5)
+    at.toggle(key="force_stats").set_value(True).run()
+    assert errors(at) == []
+    ids = ids_of(model)
+    maps = S.prompt_head_means(model, ids)
+    key = next(k for k in maps if "entropy" in k)
+    assert at.metric[0].value == f"{maps[key][3, 5]:.3f}"
 
 
 def test_long_prompt_gets_statistics_view(app, model):
@@ -351,6 +371,10 @@ def test_sae_page_latents_attribution_and_contexts(app, model, saved_sae):
     contexts = at.dataframe[1].value
     assert errors(at) == [] and contexts["activation"][0] == pytest.approx(float(ref_best[top]), rel=1e-4)
     assert "[[" in contexts["context"][0]
+    # with corpus documents too (128-token windows beside the shorter prompt): no length clash
+    at.number_input(key="sae_docs").set_value(2).run()
+    at.button(key="sae_top").click().run()
+    assert errors(at) == [] and at.dataframe[1].value["activation"][0] >= contexts["activation"][0] - 1e-6
 
     at.number_input(key="sae_latent").set_value(64).run()
     assert any("latent 64 is out of range" in e for e in errors(at))

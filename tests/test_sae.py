@@ -253,6 +253,10 @@ def test_head_attribution_and_top_contexts(model, trained_z_sae):
     rows = top_activating(model, sae, LAYER, [ids], [lat], n=3)
     assert len(rows) == 3 and rows[0]["activation"] == pytest.approx(float(f[:, lat].max()), rel=1e-5)
     assert "[[" in rows[0]["context"]
+    # batches of different lengths (a prompt beside corpus windows) are searched together
+    short = ids[:1, :9]
+    both = top_activating(model, sae, LAYER, [short, ids], [lat], n=3)
+    assert both[0]["activation"] >= rows[0]["activation"] - 1e-6 and all("[[" in r["context"] for r in both)
 
 
 # ---- bad input ---------------------------------------------------------------------------

@@ -78,6 +78,12 @@ def test_pre_6_config_and_bad_files(tmp_path):
         load_sae(tmp_path / "shape")
     with pytest.raises(SAEFormatError, match="refusing to overwrite"):
         save_sae(s, tmp_path / "shape", overwrite=False)
+    # a hook we would read at another place (our "resid" site is resid_post)
+    pre = dict(old, hook_point="blocks.4.hook_resid_pre")
+    (tmp_path / "pre").mkdir()
+    (tmp_path / "pre" / "cfg.json").write_text(json.dumps(pre))
+    with pytest.raises(SAEFormatError, match="hook_resid_pre"):
+        load_sae(tmp_path / "pre")
     # one head's SAE (SAELens hook_head_index): headscope SAEs read every head of a layer
     old["hook_head_index"] = 2
     (tmp_path / "head").mkdir()
