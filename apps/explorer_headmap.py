@@ -58,6 +58,8 @@ def render_headmap() -> None:
     model = None
     if use_prompt or report is None:
         model = C.current_model()
+        if report is not None and report.model not in ("?", model.meta.name):
+            st.warning(f"the report was written for {report.model}; the prompt maps below are of {model.meta.name}.")
         with st.spinner("recording every head on the prompt..."):
             maps.update(C.prompt_maps(st.session_state.get("model_spec", ""), st.session_state.get("prompt", "")))
         maps.update(_detector_maps(model))
