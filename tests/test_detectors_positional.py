@@ -172,3 +172,15 @@ def test_same_seed_same_scores(model):
 def test_seq_len_too_short(model, kind, seq_len):
     with pytest.raises(InputError, match="seq_len"):
         run_detector(model, kind, DetectorConfig(seq_len=seq_len, n_prompts=2, progress=False))
+
+
+def test_bad_sizes_fail_before_recording(model, monkeypatch):
+    """previous_token's validation set needs a longer seq_len than its detection pass, and a sink run
+    needs a prompt: both are refused before any forward (not after the detection work)."""
+    calls = []
+    monkeypatch.setattr(model.hf, "forward", lambda *a, **k: calls.append(1))
+    with pytest.raises(InputError, match="validation runs on"):
+        run_detector(model, "previous_token", DetectorConfig(seq_len=8, n_prompts=2, progress=False))
+    with pytest.raises(InputError, match="n_prompts"):
+        run_detector(model, "sink", DetectorConfig(seq_len=16, n_prompts=0, progress=False))
+    assert calls == []

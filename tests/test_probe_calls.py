@@ -195,3 +195,19 @@ def test_left_padding_on_absolute_positions_matches_the_prompt_alone():
         assert (left.stats[name][..., 3:] - alone.stats[name]).abs().max() < 1e-5, name
     assert (left.stats["max_prob"][..., 3:, :] - alone.stats["max_prob"]).abs().max() < 1e-5
     assert torch.equal(left.stats["argmax"][..., 3:, :] - 3, alone.stats["argmax"])
+
+
+def test_load_model_object_with_dtype_and_the_two_mask_refusal():
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from headscope.probe.external import batch_inputs
+
+    torch.manual_seed(0)
+    hf = MistralForCausalLM(MistralConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                          num_attention_heads=4, num_key_value_heads=2))
+    m = load_model(hf, dtype=torch.bfloat16)
+    assert m.dtype == torch.bfloat16
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(Exception, match="two attention masks"):
+        batch_inputs({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, None, m.meta, "cpu",
+                     attention_mask=torch.ones_like(ids))
