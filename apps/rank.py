@@ -23,6 +23,7 @@ from headscope.circuits import sharding
 from headscope.circuits.detectors import get_detector
 from headscope.circuits.scores import KINDS, DetectorResult
 from headscope.probe import load_model
+from headscope.probe.errors import InputError
 
 from .rank_options import DTYPES, RankOptions, resolve
 from .rank_output import top_heads_text, write_heads, write_run_info
@@ -64,6 +65,17 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _check_validation_sizes(opts: RankOptions, n_heads: int) -> None:
+    """Validation draws random top_k-head sets from the heads outside the top set: refuse a top_k that
+    leaves too few, now, not after the detectors have run."""
+    for kind in opts.kinds:
+        cfg = opts.detector_config(kind)
+        if cfg.validate and cfg.top_k > n_heads - cfg.top_k:
+            raise InputError(f"--top-k {cfg.top_k} is too large for validating {kind} on a model with {n_heads} "
+                             f"heads: the random sets need {cfg.top_k} heads outside the top {cfg.top_k} "
+                             f"(at most {n_heads // 2}), or pass --no-validate.")
+
+
 def run_rank(opts: RankOptions) -> dict[str, DetectorResult] | None:
     """Run the detectors and (in the main process) write the report. Returns the results."""
     main = sharding.is_main()
@@ -78,6 +90,7 @@ def run_rank(opts: RankOptions) -> dict[str, DetectorResult] | None:
         if main:
             sharding.barrier()
         timing = {"load_model_s": time.perf_counter() - t0}
+        _check_validation_sizes(opts, model.meta.n_total_heads)
         cpu: dict[str, float] = {}
         results: dict[str, DetectorResult] = {}
         bar = tqdm(opts.kinds, desc="detectors", unit="kind", disable=opts.quiet or not main, file=sys.stderr)

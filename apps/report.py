@@ -148,7 +148,8 @@ def render_report(meta: ModelMeta, results: dict[str, DetectorResult], *, top_k:
         else:
             parts.append("<p class='verdict fail'>No causal check was run for this kind.</p>")
         parts.append("<div class='row'>" + fig(heatmap(r, meta)))
-        parts.append(f"<div><h3>Top {top_k} heads</h3>{top_table(r, top_k)}</div></div>")
+        k = r.validation.k if r.validation is not None else top_k  # the heads the verdict speaks of
+        parts.append(f"<div><h3>Top {k} heads</h3>{top_table(r, k)}</div></div>")
         if r.validation is not None:
             v = r.validation
             caption = f"Damage = {v.metric}; baseline {_fmt(float(v.baseline))}." + (f" {v.notes}" if v.notes else "")

@@ -132,6 +132,7 @@ def test_bad_input_message_and_exit_code(case, tmp_path, fake_registry, request,
                 "model_cannot_load": "does not exist"}[case]
     if "--out" not in args:
         args = args + ["--out", str(out)]
+    capsys.readouterr()  # drop what loading the shared model printed (when this test runs first)
     code = run_cli(*SMALL, *args)
     err = capsys.readouterr().err
     assert code == 2
@@ -290,3 +291,25 @@ def test_long_prompts_scale_the_default_prompt_counts():
     assert long.detector_config("sink").params["validation_prompts"] == 1
     assert RankOptions(seq_len=8192, n_prompts=5, from_flags={"seq_len", "n_prompts"}).detector_config("sink").n_prompts == 5
     assert RankOptions().detector_config("sink").n_prompts == 16 and RankOptions().detector_config("sink").seq_len is None
+
+
+def test_report_top_table_follows_each_kinds_validated_k(shared_model):
+    """A kind validated with its own top_k (a [detectors.<kind>] table) lists that many heads, the ones
+    its verdict speaks of, not the global --top-k."""
+    from headscope.apps.report import render_report
+    from headscope.circuits.scores import DetectorResult, Validation, head_scores
+
+    grid = np.arange(30 * 9, dtype=float).reshape(30, 9) / 270
+    r = DetectorResult("sink", head_scores("sink", grid), {}, Validation("sink", 3, "loss increase", 2.0, [0.1, 0.2], 3.0))
+    html = render_report(shared_model.meta, {"sink": r}, top_k=8)
+    assert "Top 3 heads" in html and "Top 8 heads" not in html
+
+
+def test_too_large_top_k_is_refused_before_the_detectors(tmp_path, fake_registry, shared_model, capsys, monkeypatch):
+    import headscope.circuits.detectors as registry
+
+    ran = []
+    real = registry.get_detector
+    monkeypatch.setattr(rank_mod, "get_detector", lambda kind: ran.append(kind) or real(kind))
+    code = run_cli("--detectors", "sink", "--top-k", "136", "--out", str(tmp_path / "big"), "--quiet")
+    assert code == 2 and "too large" in capsys.readouterr().err and ran == []
