@@ -23,10 +23,10 @@ def get_report(path: str, stamp: tuple = ()) -> S.Report:
     return S.load_report(path)
 
 
-def file_stamp(path: str, names=("heads.json", "heads.csv")) -> tuple:
-    """(name, mtime_ns, size) of the files a report or SAE directory is read from (path itself if a file)."""
+def file_stamp(path: str) -> tuple:
+    """(name, mtime_ns, size) of the files a report directory is read from (path itself if a file)."""
     p = Path(path).expanduser()
-    files = [p / n for n in names] if p.is_dir() else [p]
+    files = [p / "heads.json", p / "heads.csv"] if p.is_dir() else [p]
     return tuple((f.name, f.stat().st_mtime_ns, f.stat().st_size) for f in files if f.exists())
 
 

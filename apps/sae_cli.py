@@ -105,7 +105,7 @@ def cmd_train(args) -> int:
               "seq_len": args.seq_len, "tokens": args.tokens, "seed": args.seed}
     if acts is not None and (acts / "manifest.json").exists():
         store = ActivationStore.open(acts)
-        cached = {k: store.info.get("source", store.info).get(k) for k in source}
+        cached = {k: store.info.get("source", {}).get(k) for k in source}  # none recorded: refused
         if cached != source:
             diff = {k: (cached[k], source[k]) for k in source if cached[k] != source[k]}
             raise CLIError(f"cached activations in {acts} were collected with other settings "

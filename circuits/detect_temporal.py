@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import warnings
 
-
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -146,6 +145,7 @@ def detect_temporal(model: HeadscopeModel, config: DetectorConfig | None = None)
     prob_t, ok_t = candidate_eval(model, temporal)
     # validation asks about the facts the model knows; patching about the facts whose year steers it
     known = [f for f, ok in zip(temporal, ok_t.tolist()) if ok]
+    asked = known or temporal
     if not known:
         warnings.warn("the model answers none of the temporal facts; validation asks about all of them "
                       "(summary: validation_facts = 'all, none known').", stacklevel=2)
@@ -167,5 +167,5 @@ def detect_temporal(model: HeadscopeModel, config: DetectorConfig | None = None)
     validation = None
     if config.validate and invariant and info["facts"]:
         validation, summary["invariant_validation"] = validate_temporal(
-            model, df, known or temporal, invariant, config.top_k, config.n_random, config.seed, p["ablation_mode"])
+            model, df, asked, invariant, config.top_k, config.n_random, config.seed, p["ablation_mode"])
     return DetectorResult(kind="temporal", scores=df, summary=summary, validation=validation)

@@ -46,6 +46,16 @@ class LayerEdit:
             raise InputError("key_scale_beta / key_bias need `keys`, a [B, S] bool key set.")
 
 
+def keys_of_call(keys: torch.Tensor, seq_len: int | None, Sk: int) -> torch.Tensor:
+    """A key set [B, S] (or [B, H, S]) over the sequence -> the Sk keys of one attention call (the
+    last Sk of the seq_len tokens so far). Positions past the set count as outside it (tokens
+    generated after the prompt)."""
+    n = max(seq_len or 0, Sk)
+    if keys.shape[-1] < n:
+        keys = torch.cat([keys, keys.new_zeros(*keys.shape[:-1], n - keys.shape[-1])], -1)
+    return keys[..., :n][..., n - Sk:]
+
+
 def merge_edits(edits: list[LayerEdit], H: int) -> LayerEdit:
     """Combine the edits that several active interventions put on one layer."""
     if len(edits) == 1:

@@ -13,8 +13,7 @@ from headscope.kernels.stats import StatsRequest
 from .edits import LayerEdit
 from .errors import InputError, ModelLoadError
 from .meta import ModelMeta
-from .call_args import bound_arguments, call_cache, call_length, past_length
-from .native import ModelState, StopForward, bind, guard_cache, register, unguard_cache
+from .native import ModelState, StopForward, bind, register
 from .recorder import Recorder, _layers_arg, pattern_spec
 from .recording import Recording
 
@@ -176,9 +175,7 @@ class HeadscopeModel:
                             keyset, stop_after_layer, max_pattern_bytes)
         if self.state.recorder is not None:
             raise InputError("a recording is already active on this model; recordings do not nest.")
-        guarded: list = []
-        handle = self.hf.register_forward_pre_hook(self._pre_hook(recorder, guarded), with_kwargs=True)
-        self.state.recorder = recorder
+        self.state.recorder = recorder  # the model's pre-hook (ModelState) now starts its segments
         try:
             with self.state.active():
                 try:
@@ -189,35 +186,15 @@ class HeadscopeModel:
                     pass
         finally:
             self.state.recorder = None
-            handle.remove()
-            for cache in guarded:
-                unguard_cache(cache)
+            self.state.release_caches()
         recorder.finish(rec)
-
-    def _pre_hook(self, recorder: Recorder, guarded: list):
-        def hook(module, args, kwargs):
-            call = bound_arguments(module, args, kwargs)
-            ids, batch, n_new = call_length(call)
-            if n_new < 0:
-                raise InputError("the model was called without input_ids or inputs_embeds.")
-            cache = call_cache(call)
-            if cache is not None and not any(c is cache for c in guarded):
-                guard_cache(cache)
-                guarded.append(cache)
-            recorder.begin_call(ids, call.get("attention_mask"), n_new, batch, past_length(cache))
-        return hook
 
     def run_recorded(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                      stats: StatsRequest | None = None, **record_kwargs) -> tuple[object, Recording]:
         """One forward pass under `record` -> (model output or None if stopped early, Recording)."""
-        out = None
         kwargs = {"position_ids": pos} if (pos := left_padded_positions(self.hf, attention_mask)) is not None else {}
-        with self.record(stats, **record_kwargs) as rec:
-            try:
-                with torch.no_grad():
-                    out = self.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-            except StopForward:
-                out = None
+        with self.record(stats, **record_kwargs) as rec, torch.no_grad():
+            out = self(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
         return out, rec
 
     # ---- interventions --------------------------------------------------------------------

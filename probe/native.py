@@ -23,8 +23,8 @@ from headscope.kernels import KeyBias, KeyScale, StatsRequest, attention
 from headscope.kernels.errors import KernelInputError
 
 from .call_args import bound_arguments, call_cache, call_length, past_length
-from .edits import LayerEdit, merge_edits
-from .errors import RecordingError
+from .edits import LayerEdit, keys_of_call, merge_edits
+from .errors import InputError, RecordingError
 
 IMPL = "headscope"
 _NO_STATS = StatsRequest()
@@ -78,6 +78,7 @@ class ModelState:
         self._users = 0
         self._saved_impl = None
         self._hooks = ()
+        self._guarded: list = []  # caches the open recording follows
 
     @classmethod
     def of(cls, hf) -> "ModelState":
@@ -88,12 +89,30 @@ class ModelState:
             hf.__dict__["_headscope_state"] = state  # a plain attribute: not a submodule, not saved
         return state
 
-    def _track_length(self, module, args, kwargs):
+    def _before_forward(self, module, args, kwargs):
+        """The one pre-hook of the whole model: what the call is (length, padding), and for an open
+        recording, a new segment or decode step (its cache then guarded, `guard_cache`)."""
         call = bound_arguments(module, args, kwargs)
-        _, _, n_new = call_length(call)
-        self.seq_len = past_length(call_cache(call)) + n_new if n_new >= 0 else None
+        ids, batch, n_new = call_length(call)
+        cache = call_cache(call)
+        n_past = past_length(cache)
+        self.seq_len = n_past + n_new if n_new >= 0 else None
         mask = call.get("attention_mask")
         self.attention_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        if self.recorder is None:
+            return
+        if n_new < 0:
+            raise InputError("the model was called without input_ids or inputs_embeds.")
+        if cache is not None and id(cache) not in _GUARDED:
+            guard_cache(cache)
+            self._guarded.append(cache)
+        self.recorder.begin_call(ids, mask, n_new, batch, n_past)
+
+    def release_caches(self) -> None:
+        """Lift the guards of the caches the closing recording followed."""
+        for cache in self._guarded:
+            _GUARDED.discard(id(cache))
+        self._guarded = []
 
     def _forget_length(self, module, args, output):
         self.seq_len = self.attention_mask = None
@@ -104,7 +123,7 @@ class ModelState:
             self._saved_impl = self.hf.config._attn_implementation or "sdpa"
             self.hf.set_attn_implementation(IMPL)
             # seq_len holds only during a call of the whole model (a call of a submodule sees None)
-            self._hooks = (self.hf.register_forward_pre_hook(self._track_length, with_kwargs=True),
+            self._hooks = (self.hf.register_forward_pre_hook(self._before_forward, with_kwargs=True),
                            self.hf.register_forward_hook(self._forget_length, always_call=True))
         self._users += 1
         try:
@@ -133,16 +152,6 @@ def _last(t: torch.Tensor | None, Sk: int) -> torch.Tensor | None:
     if t.shape[-1] < Sk:
         raise KernelInputError(f"a [..., S] mask covers {t.shape[-1]} positions but the layer sees {Sk} keys.")
     return t[..., t.shape[-1] - Sk:]
-
-
-def _edit_keys(keys: torch.Tensor, seq_len: int | None, Sk: int) -> torch.Tensor:
-    """An edit's key set [B, S] (or [B, H, S]) over the sequence -> the Sk keys of this call.
-
-    Positions past the set count as outside it (tokens generated after the prompt)."""
-    n = max(seq_len or 0, Sk)
-    if keys.shape[-1] < n:
-        keys = torch.cat([keys, keys.new_zeros(*keys.shape[:-1], n - keys.shape[-1])], -1)
-    return keys[..., :n][..., n - Sk:]
 
 
 _CACHE_OPS = ("reorder_cache", "crop", "batch_select_indices", "batch_repeat_interleave")
@@ -174,10 +183,6 @@ def guard_cache(cache) -> None:
         if original is not None and not hasattr(original, "_headscope_original"):
             setattr(cls, name, _refusing(name, original))
     _GUARDED.add(id(cache))
-
-
-def unguard_cache(cache) -> None:
-    _GUARDED.discard(id(cache))
 
 
 def _whole_sequence_keys(key, value, seq_len: int, window):
@@ -248,7 +253,7 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
         request = rec.request if rec is not None else _NO_STATS
         key_scale = key_bias = None
         if edit is not None and edit.keys is not None:
-            keys = _edit_keys(edit.keys.to(query.device), seq_len, Sk)
+            keys = keys_of_call(edit.keys.to(query.device), seq_len, Sk)
             if edit.key_scale_beta is not None:
                 key_scale = KeyScale(edit.key_scale_beta.to(query.device, torch.float32), keys)
             if edit.key_bias is not None:

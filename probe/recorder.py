@@ -14,6 +14,7 @@ import torch
 
 from headscope.kernels.stats import KEY_STATS, StatsRequest
 
+from .edits import keys_of_call
 from .errors import InputError, PatternMemoryError, RecordingError
 from .meta import ModelMeta
 from .recording import Recording
@@ -132,11 +133,7 @@ class Recorder:
         return self._seg["tokens"][:, -Sk:]
 
     def key_set(self, Sk: int) -> torch.Tensor:
-        seg_len = self._seg["len"]
-        ks = self.keyset.to(self.device).bool()
-        if ks.shape[1] < seg_len:  # positions generated after the prompt are outside the key set
-            ks = torch.cat([ks, torch.zeros(ks.shape[0], seg_len - ks.shape[1], dtype=torch.bool, device=ks.device)], 1)
-        return ks[:, :seg_len][:, -Sk:]
+        return keys_of_call(self.keyset.to(self.device).bool(), self._seg["len"], Sk)
 
     def pattern_heads_for(self, layer: int) -> list[int] | None:
         if self.patterns is None or layer not in self.patterns.layers:
