@@ -169,7 +169,47 @@ def _as_u8(t: torch.Tensor | None, B: int, Sk: int, dev) -> torch.Tensor:
     return t.to(device=dev, dtype=torch.uint8).contiguous()
 
 
-def attention_triton(
+# CUDA limits grid axes 1 and 2 to 65,535 programs; the kernels put batch x heads (the count
+# kernel: batch) on axis 1, so larger batches are run in slices of whole sequences.
+MAX_GRID_Y = 65_535
+
+
+def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Fused attention + statistics. q [B, H, Sq, D]; k, v [B, Hkv, Sk, D] (same dtype: fp16/bf16/fp32).
+
+    Masks are [B, Sk] bool, token_ids [B, Sk] int. Returns out [B, H, Sq, D] in q's dtype and the
+    float32 statistics of `request` with the shapes of `headscope.kernels.stats` (argmax int64).
+    Inputs are assumed validated by `dispatch.attention` (shapes, GQA divisibility, edits).
+    Keywords: those of `_attention_call`. Batches with B x H > MAX_GRID_Y run in slices along B
+    (every statistic is per sequence, so the slices' results are concatenated unchanged).
+    """
+    B, H = q.shape[0], q.shape[1]
+    step = MAX_GRID_Y // H
+    if B * H <= MAX_GRID_Y:
+        return _attention_call(q, k, v, **kw)
+    if step == 0:
+        raise KernelInputError(f"{H} heads exceed the CUDA grid limit of {MAX_GRID_Y}; use backend='torch'.")
+    parts = [_attention_call(q[i:i + step], k[i:i + step], v[i:i + step], **_batch_slice(kw, i, i + step))
+             for i in range(0, B, step)]
+    out = torch.cat([o for o, _ in parts])
+    return out, {name: torch.cat([s[name] for _, s in parts]) for name in parts[0][1]}
+
+
+def _batch_slice(kw: dict, lo: int, hi: int) -> dict:
+    """The per-sequence keyword arguments of `_attention_call` cut to sequences lo..hi-1."""
+    out = dict(kw)
+    for name in ("key_valid", "token_ids", "keyset"):
+        if out.get(name) is not None:
+            out[name] = out[name][lo:hi]
+    if out.get("key_scale") is not None:
+        out["key_scale"] = KeyScale(beta=out["key_scale"].beta, keys=out["key_scale"].keys[lo:hi])
+    if out.get("key_bias") is not None:
+        out["key_bias"] = KeyBias(bias=out["key_bias"].bias, keys=out["key_bias"].keys[lo:hi])
+    return out
+
+
+def _attention_call(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
     causal: bool = True, sm_scale: float | None = None, window: int | None = None,
     softcap: float | None = None, key_valid: torch.Tensor | None = None,
@@ -177,12 +217,7 @@ def attention_triton(
     request: StatsRequest = StatsRequest(), head_mask: torch.Tensor | None = None,
     head_mask_mode: str = "zero", key_scale: KeyScale | None = None, key_bias: KeyBias | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Fused attention + statistics. q [B, H, Sq, D]; k, v [B, Hkv, Sk, D] (same dtype: fp16/bf16/fp32).
-
-    Masks are [B, Sk] bool, token_ids [B, Sk] int. Returns out [B, H, Sq, D] in q's dtype and the
-    float32 statistics of `request` with the shapes of `headscope.kernels.stats` (argmax int64).
-    Inputs are assumed validated by `dispatch.attention` (shapes, GQA divisibility, edits).
-    """
+    """One launch set of `attention_triton` (B x H <= MAX_GRID_Y)."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise BackwardNotSupportedError(
             "the fused Triton attention kernel has no backward pass; use backend='torch' or "

@@ -120,6 +120,7 @@ class Recording:
         from safetensors.torch import save_file
 
         path = _with_extension(Path(path))
+        _check_json_faithful(self.info, "info")
         tensors = {f"stats.{k}": v.detach().cpu().contiguous() for k, v in self.stats.items()}
         for f in _TENSOR_FIELDS:
             t = getattr(self, f)
@@ -156,3 +157,20 @@ class Recording:
             pattern_layers=header["pattern_layers"], pattern_heads=header["pattern_heads"],
             head_out_layers=header["head_out_layers"], qkv_layers=header["qkv_layers"], backend=header["backend"],
             info=header["info"], **{f: tensors.get(f) for f in _TENSOR_FIELDS})
+
+
+def _check_json_faithful(value, where: str) -> None:
+    """Refuse what a JSON header would silently change on load (int keys become str, tuples lists)
+    or cannot hold at all, naming the place."""
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise RecordingError(f"Recording.{where} has the key {k!r} ({type(k).__name__}); the saved "
+                                     "header is JSON, whose keys are strings. Use str keys.")
+            _check_json_faithful(v, f"{where}[{k!r}]")
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            _check_json_faithful(v, f"{where}[{i}]")
+    elif value is not None and not isinstance(value, (str, int, float, bool)):
+        raise RecordingError(f"Recording.{where} is a {type(value).__name__}, which the JSON header cannot "
+                             "hold unchanged; store str, int, float, bool, None, lists and str-keyed dicts.")

@@ -140,6 +140,20 @@ def test_save_keeps_dotted_names(model, tmp_path):
     assert torch.equal(Recording.load(tmp_path / "tau_0.5").stats["entropy"], rec.stats["entropy"])
 
 
+def test_info_saved_unchanged_or_refused(model, tmp_path):
+    batch = model.tokenize(["The cat sat"])
+    with torch.no_grad(), model.record(StatsRequest(entropy=True)) as rec:
+        model(**batch)
+    rec.info.update(tau={"0.5": [1, 2.5, None, True]}, note="run 3")
+    assert Recording.load(rec.save(tmp_path / "ok")).info == rec.info
+    for bad, where in (({3: "x"}, "key 3"), ({"a": (1, 2)}, r"info\['a'\] is a tuple"),
+                       ({"a": [torch.ones(1)]}, r"info\['a'\]\[0\] is a Tensor")):
+        rec.info = bad
+        with pytest.raises(RecordingError, match=where):
+            rec.save(tmp_path / "bad")
+    assert not (tmp_path / "bad.safetensors").exists()
+
+
 def test_numpy_and_tensor_indices(model):
     layer, head = np.unravel_index(np.int64(5 * model.meta.n_heads + 2), (model.meta.n_layers, model.meta.n_heads))
     assert model.meta.check_head(layer, head) == (5, 2)

@@ -233,6 +233,24 @@ def test_uneven_tiles(tiles, monkeypatch):
                   window=20, key_scale=True))
 
 
+@pytest.mark.parametrize("match_path", ["dense", "sparse"])
+def test_batch_split_at_the_grid_limit(match_path, monkeypatch):
+    """B x H above CUDA's grid-axis limit runs in slices of sequences (3 + 3 + 1 here, with a limit of
+    3 x H); each sequence's edits, masks and tokens must follow it into its slice."""
+    monkeypatch.setattr(ta, "MATCH_PATH", match_path)
+    c = dict(name="batch_split", B=7, H=4, Hkv=2, Sq=20, Sk=26, D=64, pad="mixed", key_scale=True,
+             key_bias=True, head_mask="uniform", window=9)
+    q, k, v, kw = _inputs(c, SEED)
+    calls = []
+    real = ta._attention_call
+    monkeypatch.setattr(ta, "_attention_call", lambda q, *a, **k: calls.append(q.shape[0]) or real(q, *a, **k))
+    monkeypatch.setattr(ta, "MAX_GRID_Y", 3 * c["H"] + 2)
+    out, stats = attention(q, k, v, stats=ALL, backend="triton", **kw)
+    assert calls == [3, 3, 1]
+    ref_out, ref_stats = _reference(q, k, v, kw, ALL)
+    check(out, stats, ref_out, ref_stats, ALL, where="batch split")
+
+
 def test_rising_row_maxima():
     """Row maxima that jump tile after tile, then creep: every accumulator is rescaled many times."""
     for extra in (dict(), dict(key_scale=True, window=20), dict(pad="left", causal=False)):
