@@ -206,6 +206,9 @@ CASES = [
     dict(name="bf16 d64 noncausal window S=4k", B=1, H=2, Hkv=1, Sq=4096, Sk=4096, D=64, causal=False,
          window=700),
     dict(name="bf16 d64 decode Sq=1 Sk=32k", B=2, H=8, Hkv=2, Sq=1, Sk=32768, D=64),
+    # B x H = 65,568 > 65,535 (CUDA's grid-axis-1 limit): run in two batch slices.
+    dict(name="bf16 d64 decode B*H>65535 pad Sk=256", B=2049, H=32, Hkv=8, Sq=1, Sk=256, D=64, pad="left",
+         vocab="zipf"),
     dict(name="bf16 d128 chunk Sq=300 Sk=16k", B=1, H=4, Hkv=2, Sq=300, Sk=16384, D=128, pad="left"),
     dict(name="bf16 d128 key_scale+bias+softcap top3 S=4k", B=1, H=4, Hkv=2, Sq=4096, Sk=4096, D=128,
          key_scale=True, key_bias=True, softcap=30.0, topk=3),
