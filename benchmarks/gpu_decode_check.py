@@ -1,8 +1,8 @@
 """Recording generate() on the GPU (the Triton kernel) against one forward over the same tokens.
 
 Decode steps reach the kernel with one query row; on sliding-window layers the cache hands over
-only the window's keys, which the probe puts back at their sequence positions (zeros in front,
-outside every window). Every statistic of the decode recording must equal the one-forward
+only the window's keys, which the probe passes on with key_start (the kernel reads only them and
+reports per-key statistics at sequence positions). Every statistic of the decode recording must equal the one-forward
 recording of the generated sequence: the kernel's window-aware tile range, key validity and
 position-indexed statistics (argmax, colsum, sink, next_match) at Sq = 1.
 

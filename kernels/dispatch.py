@@ -18,11 +18,30 @@ BACKENDS = ("auto", "triton", "torch")
 TOKEN_ID_MIN, TOKEN_ID_MAX = -(2**31) + 2, 2**31 - 1
 
 
-def _validate(q, k, v, key_valid, token_ids, keyset, request, window, pattern_heads, softcap=None):
+def _validate_key_start(key_start, causal, window, Sq: int, Sk: int) -> int:
+    """key_start as an int; refused unless every dropped key lies outside every query's window."""
+    if isinstance(key_start, bool) or not hasattr(type(key_start), "__index__") or key_start < 0:
+        raise KernelInputError(f"key_start must be an integer >= 0, got {key_start!r}.")
+    key_start = int(key_start)
+    if key_start == 0:
+        return 0
+    if not causal or window is None:
+        raise KernelInputError("key_start > 0 (keys dropped from the front, as a sliding-window cache does) "
+                               "needs causal attention with a window: otherwise the queries still see the "
+                               "dropped keys. Pass the whole sequence's keys instead.")
+    if Sq <= Sk and Sk - Sq < window - 1:
+        # the first query sits at key_start + Sk - Sq and sees window keys back to key_start + Sk - Sq - window + 1
+        raise KernelInputError(f"{key_start} keys were dropped but the first query still sees {window - 1 - (Sk - Sq)} "
+                               f"of them (window {window}, {Sk} keys kept for {Sq} queries); pass them too.")
+    return key_start
+
+
+def _validate(q, k, v, key_valid, token_ids, keyset, request, window, pattern_heads, softcap=None, key_start=0):
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise KernelInputError("q, k, v must be 4-D: q [B, H, Sq, D], k and v [B, Hkv, Sk, D].")
     B, H, Sq, D = q.shape
     Bk, Hkv, Sk, Dk = k.shape
+    S = key_start + Sk  # per-key inputs cover the whole sequence
     if Bk != B or v.shape[:3] != k.shape[:3] or Dk != D:
         raise KernelInputError(f"shapes do not fit: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}.")
     if B == 0:
@@ -39,12 +58,12 @@ def _validate(q, k, v, key_valid, token_ids, keyset, request, window, pattern_he
     if softcap is not None and not softcap > 0:
         raise KernelInputError(f"softcap must be > 0 or None, got {softcap!r}.")
     for name, t, dtype in (("key_valid", key_valid, torch.bool), ("keyset", keyset, torch.bool)):
-        if t is not None and (t.shape != (B, Sk) or t.dtype != dtype):
-            raise KernelInputError(f"{name} must be a {dtype} tensor of shape [B, Sk] = [{B}, {Sk}], "
+        if t is not None and (t.shape != (B, S) or t.dtype != dtype):
+            raise KernelInputError(f"{name} must be a {dtype} tensor of shape [B, Sk] = [{B}, {S}], "
                                    f"got {tuple(t.shape)} {t.dtype}.")
     if token_ids is not None:
-        if token_ids.shape != (B, Sk):
-            raise KernelInputError(f"token_ids must have shape [B, Sk] = [{B}, {Sk}], got {tuple(token_ids.shape)}.")
+        if token_ids.shape != (B, S):
+            raise KernelInputError(f"token_ids must have shape [B, Sk] = [{B}, {S}], got {tuple(token_ids.shape)}.")
         if token_ids.dtype.is_floating_point or token_ids.dtype.is_complex or token_ids.dtype == torch.bool:
             raise KernelInputError(f"token_ids must be an integer tensor, got {token_ids.dtype}.")
         # The Triton path compares int32 ids and keeps the two lowest values as "no token" markers.
@@ -89,6 +108,7 @@ def attention(
     key_bias: KeyBias | None = None,
     pattern_heads: list[int] | None = None,
     backend: str = "auto",
+    key_start: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Attention output plus per-head statistics, never materialising the full [Sq, Sk] matrix.
 
@@ -109,17 +129,30 @@ def attention(
         pattern_heads: heads whose full probability rows to return as stats["pattern"]
             [B, n, Sq, Sk] (O(S^2): only for short inputs; the caller checks memory).
         backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch".
+        key_start: sequence position of k[:, :, 0], for a sliding-window cache that dropped the
+            first key_start keys (causal with a window only; refused unless every dropped key lies
+            outside every query's window). Per-key inputs (attention_mask, token_ids, keyset,
+            key_scale.keys, key_bias.keys) and per-key outputs (argmax, colsum, pattern) then span
+            the whole sequence, key_start + Sk positions. The Triton path reads only the Sk keys
+            given; the torch path places them after key_start zero keys.
 
     Returns:
         out [B, H, Sq, D] in q's dtype; dict of float32 statistics (see `headscope.kernels.stats`).
     """
     request = stats or StatsRequest()
-    _validate(q, k, v, attention_mask, token_ids, keyset, request, window, pattern_heads, softcap)
-    validate_edits(q.shape[1], q.shape[0], k.shape[2], head_mask, head_mask_mode, key_scale, key_bias)
+    if q.dim() == 4 and k.dim() == 4:
+        key_start = _validate_key_start(key_start, causal, window, q.shape[2], k.shape[2])
+    _validate(q, k, v, attention_mask, token_ids, keyset, request, window, pattern_heads, softcap, key_start)
+    validate_edits(q.shape[1], q.shape[0], key_start + k.shape[2], head_mask, head_mask_mode, key_scale, key_bias)
     if backend not in BACKENDS:
         raise KernelInputError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
+    k_seq, v_seq = k, v  # keys at their sequence positions, for the torch computations
+    if key_start:
+        # The dropped keys are outside every query's window: zeros in their place change nothing.
+        k_seq, v_seq = (torch.cat([t.new_zeros(*t.shape[:2], key_start, t.shape[3]), t], 2) for t in (k, v))
     if not use_triton:
+        k, v = k_seq, v_seq
         return attention_reference(
             q, k, v, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap,
             key_valid=attention_mask, token_ids=token_ids, keyset=keyset, request=request,
@@ -143,7 +176,9 @@ def attention(
     out, result = attention_triton(
         q, k, v, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap,
         key_valid=attention_mask, token_ids=token_ids, keyset=keyset, request=replace(request, content=False),
-        head_mask=head_mask, head_mask_mode=head_mask_mode, key_scale=key_scale, key_bias=key_bias)
+        head_mask=head_mask, head_mask_mode=head_mask_mode, key_scale=key_scale, key_bias=key_bias,
+        key_start=key_start)
+    k, v = k_seq, v_seq
     if request.content:
         # Not in the fused kernel yet: the exact torch path computes it (same numbers, a second
         # attention pass in O(S x chunk) memory), as for patterns below.

@@ -216,8 +216,22 @@ def _attention_call(
     token_ids: torch.Tensor | None = None, keyset: torch.Tensor | None = None,
     request: StatsRequest = StatsRequest(), head_mask: torch.Tensor | None = None,
     head_mask_mode: str = "zero", key_scale: KeyScale | None = None, key_bias: KeyBias | None = None,
+    key_start: int = 0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One launch set of `attention_triton` (B x H <= MAX_GRID_Y)."""
+    """One launch set of `attention_triton` (B x H <= MAX_GRID_Y).
+
+    key_start > 0: k[:, :, 0] sits at sequence position key_start, the per-key inputs span all
+    key_start + Sk positions (validated by `dispatch.attention`: the dropped keys are outside every
+    window). Masks and offsets are relative, so the kernels run on the Sk keys as given; only the
+    sink's first key, the previous token of key 0, and argmax / colsum are placed here."""
+    full_valid, full_tok = key_valid, token_ids
+    if key_start:
+        cut = lambda t: None if t is None else t[:, key_start:]  # noqa: E731
+        key_valid, token_ids, keyset = cut(key_valid), cut(token_ids), cut(keyset)
+        if key_scale is not None:
+            key_scale = KeyScale(beta=key_scale.beta, keys=cut(key_scale.keys))
+        if key_bias is not None:
+            key_bias = KeyBias(bias=key_bias.bias, keys=cut(key_bias.keys))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise BackwardNotSupportedError(
             "the fused Triton attention kernel has no backward pass; use backend='torch' or "
@@ -272,11 +286,14 @@ def _attention_call(
         kset = torch.empty(1, dtype=q.dtype, device=dev)
     if request.next_match:
         # The token before each key, NO_TOKEN_ID where there is none or it is padding: the kernel then
-        # compares it like a plain token instead of loading and masking j - 1 in every tile.
-        prev_tok = torch.full_like(tok, NO_TOKEN_ID)
-        prev_tok[:, 1:] = tok[:, :-1]
-        if key_valid is not None:
-            prev_tok[:, 1:].masked_fill_(~key_valid[:, :-1].to(dev), NO_TOKEN_ID)
+        # compares it like a plain token instead of loading and masking j - 1 in every tile. Made
+        # over the whole sequence: key 0's previous token may be a dropped key's.
+        ftok = full_tok.to(device=dev, dtype=torch.int32)
+        prev_tok = torch.full_like(ftok, NO_TOKEN_ID)
+        prev_tok[:, 1:] = ftok[:, :-1]
+        if full_valid is not None:
+            prev_tok[:, 1:].masked_fill_(~full_valid[:, :-1].to(dev), NO_TOKEN_ID)
+        prev_tok = prev_tok[:, key_start:].contiguous()
     else:
         prev_tok = tok
     ks_keys = _as_u8(key_scale.keys if key_scale is not None else None, B, Sk, dev)
@@ -286,8 +303,9 @@ def _attention_call(
     hmask = head_mask.to(device=dev, dtype=torch.uint8).contiguous() if head_mask is not None \
         else torch.empty(1, dtype=torch.uint8, device=dev)
     if request.sink_k:
-        first = (key_valid.int().argmax(dim=1) if key_valid is not None
-                 else torch.zeros(B, dtype=torch.int64, device=dev)).to(torch.int32).contiguous()
+        # the first real key of the sequence, counted from key 0 of this call (< 0: dropped)
+        first = ((full_valid.to(dev).int().argmax(dim=1) if full_valid is not None
+                  else torch.zeros(B, dtype=torch.int64, device=dev)) - key_start).to(torch.int32).contiguous()
     else:
         first = torch.empty(1, dtype=torch.int32, device=dev)
     noff = len(request.offsets)
@@ -412,7 +430,7 @@ def _attention_call(
         nc = empty(B, Sq) if dense_next else dummy_f
         bm = 16 if interp else 64
         _match_counts[(triton.cdiv(Sq, bm), B)](
-            tok, kv_u8, mc, nc, Sq, Sk, OFF, int(window or 0),
+            tok, prev_tok, kv_u8, mc, nc, Sq, Sk, OFF, int(window or 0),
             BLOCK_M=bm, BLOCK_N=16 if interp else 128, CAUSAL=bool(causal), HAS_WINDOW=window is not None,
             HAS_KV=key_valid is not None, MATCH=dense_match, NEXT=dense_next)
         if dense_match:
@@ -450,5 +468,10 @@ def _attention_call(
             last_colsum_launch = launch
         stats["colsum"] = colsum
 
+    if key_start:
+        if "argmax" in stats:
+            stats["argmax"] = torch.where(stats["argmax"] >= 0, stats["argmax"] + key_start, stats["argmax"])
+        if "colsum" in stats:  # the dropped keys receive nothing
+            stats["colsum"] = torch.nn.functional.pad(stats["colsum"], (key_start, 0))
     # Same key order as the reference (request.names()).
     return out, {name: stats[name] for name in request.names()}

@@ -653,14 +653,15 @@ def _attn_fwd(
 
 @triton.jit
 def _match_counts(
-    Tok, KeyValid, MatchC, NextC, Sq, Sk, OFF, window,
+    Tok, PrevTok, KeyValid, MatchC, NextC, Sq, Sk, OFF, window,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
     HAS_KV: tl.constexpr, MATCH: tl.constexpr, NEXT: tl.constexpr,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B). MatchC / NextC [B, Sq] float32.
 
     The counts depend on tokens and visibility only, not on scores: computed once per sequence
-    instead of once per head, and broadcast over heads by the caller.
+    instead of once per head, and broadcast over heads by the caller. PrevTok [B, Sk]: the token
+    before each key (NO_TOKEN where none or padding), as the forward reads it.
     """
     pid_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -669,6 +670,7 @@ def _match_counts(
     row_ok = rows < Sq
     b64 = b.to(tl.int64)
     Tok_b = Tok + b64 * Sk
+    PrevTok_b = PrevTok + b64 * Sk
     KeyValid_b = KeyValid + b64 * Sk
     tok_q = tl.load(Tok_b + pos_m, mask=row_ok, other=NO_TOKEN)
     q_ok = row_ok
@@ -704,10 +706,7 @@ def _match_counts(
             eq = vis & (tok_q[:, None] == tk[None, :]) & (offs_n[None, :] < pos_m[:, None])
             cm += tl.sum(eq.to(tl.float32), 1)
         if NEXT:
-            pmask = (offs_n >= 1) & (offs_n <= Sk)
-            tp = tl.load(Tok_b + offs_n - 1, mask=pmask, other=NO_TOKEN)
-            if HAS_KV:
-                tp = tl.where(tl.load(KeyValid_b + offs_n - 1, mask=pmask, other=0) != 0, tp, NO_TOKEN)
+            tp = tl.load(PrevTok_b + offs_n, mask=offs_n < Sk, other=NO_TOKEN)
             eqn = vis & (tok_q[:, None] == tp[None, :]) & (offs_n[None, :] <= pos_m[:, None])
             cn += tl.sum(eqn.to(tl.float32), 1)
     if MATCH:

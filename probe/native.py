@@ -79,19 +79,31 @@ class ModelState:
         self._saved_impl = None
         self._hooks = ()
         self._guarded: list = []  # caches the open recording follows
+        self.attention_calls: int | None = None  # headscope_attention calls in the running model forward
 
     @classmethod
     def of(cls, hf) -> "ModelState":
         """The model's state, created on first use (kept on the model, so every wrapper shares it)."""
-        state = hf.__dict__.get("_headscope_state")
+        state = cls.existing(hf)
         if state is None:
             state = cls(hf)
             hf.__dict__["_headscope_state"] = state  # a plain attribute: not a submodule, not saved
         return state
 
+    @staticmethod
+    def existing(hf) -> "ModelState | None":
+        """The model's state if a HeadscopeModel wraps it, else None (creates nothing)."""
+        return hf.__dict__.get("_headscope_state")
+
+    @property
+    def in_use(self) -> bool:
+        """A recording or an edit is active: forwards must go through headscope_attention."""
+        return self.recorder is not None or bool(self.edits)
+
     def _before_forward(self, module, args, kwargs):
         """The one pre-hook of the whole model: what the call is (length, padding), and for an open
         recording, a new segment or decode step (its cache then guarded, `guard_cache`)."""
+        self.attention_calls = 0
         call = bound_arguments(module, args, kwargs)
         ids, batch, n_new = call_length(call)
         cache = call_cache(call)
@@ -115,7 +127,16 @@ class ModelState:
         self._guarded = []
 
     def _forget_length(self, module, args, output):
+        calls, self.attention_calls = self.attention_calls, None
         self.seq_len = self.attention_mask = None
+        # output is None when the forward raised (StopForward included): that error stands.
+        if output is not None and calls == 0 and self.in_use:
+            raise RecordingError(
+                f"{type(self.hf).__name__} ran a forward pass without calling headscope's attention function "
+                "in any layer, so the active edits were not applied and nothing could be recorded: its "
+                "attention modules were replaced or bypassed after load_model. TransformerLens' "
+                "TransformerBridge.boot_transformers(hf_model=model.hf) does this; boot the bridge on a "
+                "separate copy (load_model(...) again) and keep this model for edits and native recordings.")
 
     @contextmanager
     def active(self):
@@ -185,22 +206,17 @@ def guard_cache(cache) -> None:
     _GUARDED.add(id(cache))
 
 
-def _whole_sequence_keys(key, value, seq_len: int, window):
-    """Keys and values of a sliding-window cache call, put back at their sequence positions.
-
-    The cache passes only the last Sk keys, which every statistic indexed by position would read
-    as keys 0..Sk-1 (argmax, colsum, patterns, sink, next_match's previous token). The keys it
-    dropped lie outside every query's window, so zeros in their place change no probability; the
-    kernel skips their tiles."""
-    Sk = key.shape[2]
+def _dropped_keys(seq_len: int, Sk: int, window) -> int:
+    """How many keys a sliding-window cache dropped from the front of this call (its keys are the
+    last Sk of seq_len). The attention call then takes them as key_start: every statistic indexed
+    by position (argmax, colsum, patterns, sink, next_match's previous token) stays at sequence
+    positions, while only the Sk keys given are read (the call checks that the dropped keys lie
+    outside every query's window)."""
     if window is None:
         raise KernelInputError(f"the layer was given {Sk} keys for a sequence of {seq_len} tokens and has no "
                                "sliding window; headscope cannot place them. Record with the default "
                                "(dynamic) cache.")
-    pad = seq_len - Sk
-    zeros = key.new_zeros(key.shape[0], key.shape[1], pad, key.shape[3])
-    vzeros = value.new_zeros(value.shape[0], value.shape[1], pad, value.shape[3])
-    return torch.cat([zeros, key], 2), torch.cat([vzeros, value], 2)
+    return seq_len - Sk
 
 
 def _plain_attention_suffices(state, rec, edit, key_valid, window, softcap, causal, query, Sq, Sk) -> bool:
@@ -219,6 +235,8 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
     (output [B, Sq, H, D], None)."""
     entry = _MODULES.get(module)
     state, layer = entry if entry is not None else (None, None)
+    if state is not None and state.attention_calls is not None:
+        state.attention_calls += 1
     if dropout and module.training:
         raise KernelInputError("headscope attention has no dropout: call model.eval() (analyses run in eval mode).")
     B, H, Sq, _ = query.shape
@@ -237,10 +255,9 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
             f"the layer was given {Sk} keys for a sequence of {seq_len} tokens: a static cache "
             "(cache_implementation='static') hands over its empty slots too, and headscope places queries "
             "after the last key. Record or edit with the default dynamic cache.")
-    if rec is not None and seq_len is not None and Sk < seq_len:
-        key, value = _whole_sequence_keys(key, value, seq_len, window)
-        Sk = seq_len
-    key_valid = _last(attention_mask, Sk)
+    key_start = _dropped_keys(seq_len, Sk, window) if rec is not None and seq_len is not None and Sk < seq_len else 0
+    S = key_start + Sk  # per-key inputs and outputs span the sequence
+    key_valid = _last(attention_mask, S)
 
     if _plain_attention_suffices(state, rec, edit, key_valid, window, kwargs.get("softcap"), causal, query, Sq, Sk):
         # Nothing to record and no edit of the attention itself (z edits, zero ablation, or edits on
@@ -253,7 +270,7 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
         request = rec.request if rec is not None else _NO_STATS
         key_scale = key_bias = None
         if edit is not None and edit.keys is not None:
-            keys = keys_of_call(edit.keys.to(query.device), seq_len, Sk)
+            keys = keys_of_call(edit.keys.to(query.device), seq_len, S)
             if edit.key_scale_beta is not None:
                 key_scale = KeyScale(edit.key_scale_beta.to(query.device, torch.float32), keys)
             if edit.key_bias is not None:
@@ -261,12 +278,12 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
         out, stats = attention(
             query, key, value, causal=causal, sm_scale=scaling, window=window, softcap=kwargs.get("softcap"),
             attention_mask=key_valid,
-            token_ids=rec.key_tokens(Sk) if rec is not None and request.needs_tokens else None,
-            keyset=rec.key_set(Sk) if rec is not None and request.keyset else None, stats=request,
+            token_ids=rec.key_tokens(S) if rec is not None and request.needs_tokens else None,
+            keyset=rec.key_set(S) if rec is not None and request.keyset else None, stats=request,
             head_mask=edit.head_mask.to(query.device) if edit is not None and edit.head_mask is not None else None,
             head_mask_mode=edit.head_mask_mode if edit is not None else "zero", key_scale=key_scale, key_bias=key_bias,
             pattern_heads=rec.pattern_heads_for(layer) if rec is not None else None,
-            backend=state.backend if state is not None else "auto")
+            backend=state.backend if state is not None else "auto", key_start=key_start)
     if edit is not None and edit.z_fn is not None:
         out = edit.z_fn(out, layer)
     if rec is not None:

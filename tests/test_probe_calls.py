@@ -10,47 +10,16 @@ from headscope.kernels import KernelInputError
 from headscope.probe import HeadscopeModel, LayerEdit, RecordingError, StatsRequest, load_model
 from headscope.probe.recording import Recording
 
+from decode_reference import check_decode_matches_forward, tiny_mistral
+
 ALL = StatsRequest.all(topk=2, sink_k=2, offsets=(1, 2), colsum=True)
-
-
-def _tiny_mistral(window: int):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    cfg = MistralConfig(vocab_size=50, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, sliding_window=window,
-                        max_position_embeddings=256)
-    hf = MistralForCausalLM(cfg).eval()
-    for p in hf.parameters():  # peaked attention: argmax and masses far from uniform
-        if p.dim() > 1:
-            p.data.mul_(4.0)
-    return load_model(hf)
 
 
 def test_sliding_window_cache_decode_matches_one_forward():
     """A sliding-window cache passes decode steps only the last `window` keys; every statistic
     indexed by key position (argmax, colsum, patterns, sink, next_match's previous token) must
     still come out at sequence positions."""
-    model = _tiny_mistral(window=5)
-    ids = torch.randint(3, 50, (2, 9))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0  # left padding: the sink keys of row 1 start at position 2
-    with torch.no_grad(), model.record(ALL, patterns=[0]) as rec:
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=7, min_new_tokens=7,
-                             do_sample=False, use_cache=True)
-    seq = out[:, :-1]
-    _, ref = model.run_recorded(seq, torch.cat([mask, torch.ones(2, 6, dtype=mask.dtype)], 1), ALL, patterns=[0])
-    q_ok = ref.attention_mask[:, None, None, :]
-    for name in ALL.names():
-        a, b = rec.stats[name], ref.stats[name]
-        if name != "colsum":
-            a = torch.where(q_ok.reshape(q_ok.shape + (1,) * (a.dim() - 4)), a, torch.zeros_like(a))
-            b = torch.where(q_ok.reshape(q_ok.shape + (1,) * (b.dim() - 4)), b, torch.zeros_like(b))
-        if name == "argmax":
-            assert torch.equal(a, b), name
-        else:
-            assert (a.double() - b.double()).abs().max() < 2e-5, name
-    assert (rec.patterns - ref.patterns).abs().max() < 1e-5
+    check_decode_matches_forward(tiny_mistral(window=5), ALL)
 
 
 def test_static_cache_is_refused(model):

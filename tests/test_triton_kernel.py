@@ -251,6 +251,56 @@ def test_batch_split_at_the_grid_limit(match_path, monkeypatch):
     check(out, stats, ref_out, ref_stats, ALL, where="batch split")
 
 
+@pytest.mark.parametrize("match_path", ["dense", "sparse"])
+@pytest.mark.parametrize("Sq,key_start", [(1, 31), (5, 26), (1, 2), (4, 1)])
+def test_key_start_reads_only_the_kept_keys(Sq, key_start, match_path, monkeypatch):
+    """A sliding-window cache's call (the first key_start keys dropped, all outside the window) gives
+    the statistics of the whole sequence: the reference sees every key, random ones in the dropped
+    places. key_start 2 and 1 keep sink keys (sink_k 2, left padding up to 3) and key 0's previous
+    token in view."""
+    monkeypatch.setattr(ta, "MATCH_PATH", match_path)
+    W, S = 9, 40
+    c = dict(name=f"key_start{key_start}", B=3, H=4, Hkv=2, Sq=Sq, Sk=S, D=64, window=W, key_scale=True,
+             key_bias=True, vocab=3)
+    q, k, v, kw = _inputs(c, SEED + key_start)
+    kv = torch.ones(3, S, dtype=torch.bool)
+    kv[0, :3] = False  # left padding: the sink's first key moves to 3
+    kw["attention_mask"] = kv
+    Sk = S - key_start
+    assert Sk - Sq >= W - 1  # every dropped key outside the first query's window
+    out, stats = attention(q, k[:, :, key_start:], v[:, :, key_start:], stats=ALL, backend="triton",
+                           key_start=key_start, **kw)
+    ref_out, ref_stats = _reference(q, k, v, kw, ALL)
+    check(out, stats, ref_out, ref_stats, ALL, where=f"key_start {key_start}")
+    # the same call on the torch path
+    out_t, stats_t = attention(q, k[:, :, key_start:], v[:, :, key_start:], stats=ALL, backend="torch",
+                               key_start=key_start, **kw)
+    check(out_t, stats_t, ref_out, ref_stats, ALL, where=f"key_start {key_start}, torch")
+
+
+def test_probe_records_sliding_window_decode_through_the_kernel():
+    """generate() on a sliding-window model, recorded through the (interpreted) Triton kernel: the
+    decode steps' key_start calls must give the one-forward recording's statistics."""
+    from decode_reference import check_decode_matches_forward, tiny_mistral
+
+    model = tiny_mistral(window=5)
+    model.state.backend = "triton"
+    check_decode_matches_forward(model, StatsRequest.all(topk=2, sink_k=2, offsets=(1, 2), colsum=True),
+                                 prompt_len=7, new=5, tol=1e-4)
+
+
+def test_key_start_refuses_dropped_keys_in_view():
+    q, k, v = torch.randn(1, 2, 2, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    with pytest.raises(KernelInputError, match="still sees 1 of them"):
+        attention(q, k, v, window=8, key_start=4, backend="triton")  # 8 - 2 < 8 - 1
+    with pytest.raises(KernelInputError, match="needs causal attention with a window"):
+        attention(q, k, v, key_start=4, backend="triton")
+    with pytest.raises(KernelInputError, match="needs causal attention with a window"):
+        attention(q, k, v, window=3, causal=False, key_start=4, backend="torch")
+    with pytest.raises(KernelInputError, match=r"\[B, Sk\] = \[1, 12\]"):
+        attention(q, k, v, window=3, key_start=4, attention_mask=torch.ones(1, 8, dtype=torch.bool))
+
+
 def test_rising_row_maxima():
     """Row maxima that jump tile after tile, then creep: every accumulator is rescaled many times."""
     for extra in (dict(), dict(key_scale=True, window=20), dict(pad="left", causal=False)):
