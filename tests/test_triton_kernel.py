@@ -268,14 +268,16 @@ def test_key_start_reads_only_the_kept_keys(Sq, key_start, match_path, monkeypat
     kw["attention_mask"] = kv
     Sk = S - key_start
     assert Sk - Sq >= W - 1  # every dropped key outside the first query's window
-    out, stats = attention(q, k[:, :, key_start:], v[:, :, key_start:], stats=ALL, backend="triton",
-                           key_start=key_start, **kw)
-    ref_out, ref_stats = _reference(q, k, v, kw, ALL)
-    check(out, stats, ref_out, ref_stats, ALL, where=f"key_start {key_start}")
+    req = StatsRequest.all(topk=1, sink_k=2, offsets=(1, 3), keyset=True, colsum=True, content=True)
+    out, stats = attention(q, k[:, :, key_start:], v[:, :, key_start:], stats=req, backend="triton",
+                           key_start=key_start, pattern_heads=[1], **kw)
+    ref_out, ref_stats = _reference(q, k, v, kw, req)
+    assert torch.allclose(stats.pop("pattern"), ref_stats["pattern"][:, [1]], atol=1e-6)
+    check(out, stats, ref_out, ref_stats, req, where=f"key_start {key_start}")
     # the same call on the torch path
-    out_t, stats_t = attention(q, k[:, :, key_start:], v[:, :, key_start:], stats=ALL, backend="torch",
+    out_t, stats_t = attention(q, k[:, :, key_start:], v[:, :, key_start:], stats=req, backend="torch",
                                key_start=key_start, **kw)
-    check(out_t, stats_t, ref_out, ref_stats, ALL, where=f"key_start {key_start}, torch")
+    check(out_t, stats_t, ref_out, ref_stats, req, where=f"key_start {key_start}, torch")
 
 
 def test_probe_records_sliding_window_decode_through_the_kernel():
