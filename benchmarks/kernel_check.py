@@ -110,9 +110,11 @@ def check_case(c: dict, seed: int) -> dict:
     req = c.get("request") or StatsRequest.all(topk=c.get("topk", 1), sink_k=4, offsets=(1, 2, 7), keyset=True)
     ta.POISON_OUTPUTS = True
     ta.MATCH_PATH = c.get("match_path", "auto")
+    # drop: as a sliding-window cache, hand over only the keys the window needs (key_start)
+    ks = max(0, c["Sk"] - c["Sq"] - kw["window"] + 1) if c.get("drop") else 0
     sync()
     t0 = time.perf_counter()
-    out, st = attention(q, k, v, stats=req, backend="triton", **kw)
+    out, st = attention(q, k[:, :, ks:], v[:, :, ks:], stats=req, backend="triton", key_start=ks, **kw)
     sync()
     t_ours = time.perf_counter() - t0
     paths = dict(ta.last_match_paths)
@@ -206,6 +208,10 @@ CASES = [
     dict(name="bf16 d64 noncausal window S=4k", B=1, H=2, Hkv=1, Sq=4096, Sk=4096, D=64, causal=False,
          window=700),
     dict(name="bf16 d64 decode Sq=1 Sk=32k", B=2, H=8, Hkv=2, Sq=1, Sk=32768, D=64),
+    dict(name="bf16 d128 decode window 4k, keys dropped, S=32k", B=2, H=8, Hkv=2, Sq=1, Sk=32768, D=128,
+         window=4096, drop=True, pad="left", vocab="zipf"),
+    dict(name="bf16 d64 chunk window 1k, keys dropped, S=8k", B=2, H=4, Hkv=2, Sq=100, Sk=8192, D=64,
+         window=1000, drop=True, vocab="zipf", match_path="sparse"),
     # B x H = 65,568 > 65,535 (CUDA's grid-axis-1 limit): run in two batch slices.
     dict(name="bf16 d64 decode B*H>65535 pad Sk=256", B=2049, H=32, Hkv=8, Sq=1, Sk=256, D=64, pad="left",
          vocab="zipf"),
