@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 
 import torch
 
@@ -79,11 +80,48 @@ def check(kind: str, dtype) -> dict:
     return res
 
 
+def decode_step_times() -> list[dict]:
+    """One decode step of one sliding layer (Mistral-7B shapes: 32 heads, 8 kv heads, d128, window
+    4096, bf16, batch 4, every score statistic and colsum): the window's keys read in place with
+    key_start, against the same keys zero-padded to the sequence (the probe before key_start: a
+    copy of S keys per layer and step). GPU only; ratios from one run."""
+    import triton
+
+    from headscope.kernels import attention
+
+    req = replace(StatsRequest.all(topk=1, sink_k=1, offsets=(1,), colsum=True), match=False, next_match=False)
+    B, H, Hkv, D, W = 4, 32, 8, 128, 4096
+    rows = []
+    for S in (8192, 32768, 131072):
+        q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(B, Hkv, W, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        ks = S - W
+
+        def padded():
+            kp, vp = (torch.cat([t.new_zeros(B, Hkv, ks, D), t], 2) for t in (k, v))
+            return attention(q, kp, vp, window=W, stats=req)
+
+        def in_place():
+            return attention(q, k, v, window=W, stats=req, key_start=ks)
+
+        t_pad = triton.testing.do_bench(padded, warmup=10, rep=50, return_mode="median")
+        t_in = triton.testing.do_bench(in_place, warmup=10, rep=50, return_mode="median")
+        rows.append({"S": S, "padded_ms": t_pad, "key_start_ms": t_in, "ratio": t_pad / t_in})
+    return rows
+
+
 def main():
     rows = [check(kind, dtype) for kind in ("mistral", "gemma3") for dtype in (torch.float32, torch.bfloat16)]
     for r in rows:
         print(json.dumps(r))
     print(f"gpu_decode_check: {sum(r['pass'] for r in rows)}/{len(rows)} PASS")
+    if DEVICE == "cuda":
+        times = decode_step_times()
+        print("\none decode step, one sliding layer (B 4, H 32, Hkv 8, d128, window 4096, bf16):")
+        for t in times:
+            print(f"  S {t['S']:>6d}: zero-padded {t['padded_ms']:.3f} ms, key_start {t['key_start_ms']:.3f} ms, "
+                  f"{t['ratio']:.1f}x")
+        rows.append({"decode_step_times": times})
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "gpu_decode_check.json"), "w") as f:
             json.dump(rows, f, indent=1)
