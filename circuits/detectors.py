@@ -40,9 +40,11 @@ class DetectorConfig:
     """Options shared by every detector. None means "the detector's published default".
 
     seq_len: prompt length in tokens; n_prompts: how many prompts; batch_size: prompts per forward;
-    seed: seeds every random choice (same seed, same scores); top_k: heads ablated in validation;
-    n_random: random head sets (seeds) in validation; prompts_file: user prompts (.txt / .jsonl);
-    params: kind-specific parameters (e.g. {"eps": 0.3} for sink).
+    seed: seeds every random choice (same seed, same scores); validate: run the causal check
+    (`DetectorResult.validation`, else None); top_k: heads ablated in validation; n_random: random
+    head sets (seeds) in validation; progress: tqdm bars; prompts_file: user prompts (.txt / .jsonl);
+    params: kind-specific parameters (e.g. {"eps": 0.3} for sink; each detector's module docstring
+    lists its own, and an unknown name raises InputError).
     """
 
     seq_len: int | None = None
@@ -58,6 +60,7 @@ class DetectorConfig:
 
 
 def get_detector(kind: str) -> Callable[..., DetectorResult]:
+    """The detector function `fn(model, config) -> DetectorResult` of a kind (one of `KINDS`)."""
     if kind not in _DETECTORS:
         raise InputError(f"unknown detector {kind!r}; choose from {', '.join(KINDS)}.")
     module, fn = _DETECTORS[kind].split(":")
@@ -74,6 +77,13 @@ def check_params(kind: str, config: DetectorConfig) -> None:
 
 
 def run_detector(model, kind: str, config: DetectorConfig | None = None) -> DetectorResult:
+    """Score every head of `model` (a HeadscopeModel) as `kind` (one of `KINDS`).
+
+    Returns a `DetectorResult`: `scores`, the HeadScores frame (one row per head, best first:
+    kind, layer, head, score, rank and the kind's extra columns), `summary` (model-level findings
+    and the settings used) and `validation` (a `Validation`; None with `config.validate=False`, or
+    when there is nothing to validate, e.g. retrieval when the model retrieved no needle).
+    """
     config = config or DetectorConfig()
     check_params(kind, config)
     return get_detector(kind)(model, config)

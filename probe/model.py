@@ -159,9 +159,12 @@ class HeadscopeModel:
             keyset: [B, S] bool key set for `keyset_mass`.
             stop_after_layer: skip the rest of the forward after this layer's attention (then
                 `model(...)` returns None; a direct `model.hf(...)` call ends the block there,
-                the recording still complete); for collecting activations cheaply.
+                the recording still complete); for collecting activations cheaply. The statistics
+                keep their [B, L, H, S] shape: layers after this one are NaN (argmax -1).
+            max_pattern_bytes: memory budget for `patterns` (default: half of the free memory of
+                the model's device).
         Yields:
-            a `Recording`, filled when the block exits.
+            a `Recording` (shapes: headscope.probe.recording), filled when the block exits.
         """
         request = stats or StatsRequest()
         if request.keyset and keyset is None:
