@@ -5,7 +5,10 @@ to kv heads as h // G, so a layer may hold any number of kv groups as long as ev
 same number G of query heads. Per layer we keep the kv groups that still have a query head
 (a kv head goes only with its whole group), G_l = the largest number of kept query heads in a
 group, and fill shorter groups with *padding heads* whose q rows and o columns are zero: such a
-head attends uniformly and writes exactly 0, so logits equal the masked model's.
+head attends uniformly and writes exactly 0, so logits equal the masked model's. gpt-oss's per-head
+sink logits move with their heads. Attention that keeps heads elsewhere (a q/k norm over all heads,
+as in OLMo-2; per-head norm weights, as in Cohere / StableLM qk-norm) is refused, and `prune` checks
+the pruned model against the zero-ablated one on a short input before returning it.
 
 Saving. transformers' Llama reads one head count for all layers from the config, so `save_pruned`
 pads every layer to the same (kv groups, G) with zero heads and writes a plain Llama checkpoint
@@ -88,6 +91,45 @@ def _rebuild(attn: nn.Module, groups: list[tuple[int | None, list[int | None]]],
             new_o.bias.copy_(o.bias)
     attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj = rows(q, q_idx), rows(k, kv_idx), rows(v, kv_idx), new_o
     attn.num_key_value_groups = G
+    sinks = getattr(attn, "sinks", None)
+    if isinstance(sinks, nn.Parameter):  # gpt-oss: one learned sink logit per query head moves with its head
+        new = torch.zeros(len(q_idx), dtype=sinks.dtype, device=sinks.device)
+        with torch.no_grad():
+            for slot, src in enumerate(q_idx):
+                if src is not None:
+                    new[slot] = sinks[src]
+        attn.sinks = nn.Parameter(new, requires_grad=sinks.requires_grad)
+
+
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def _check_attention(attn: nn.Module, layer: int, H: int, Hkv: int, D: int) -> None:
+    """Refuse attention layouts whose heads live anywhere but in the q/k/v rows and o columns (plus
+    q/k norms over one head_dim, shared by all heads, and gpt-oss's per-head sinks, which `_rebuild`
+    moves): cutting q rows alone would leave such a model silently different from the ablated one."""
+    cls = type(attn).__name__
+    want = {"q_proj": (0, H * D), "k_proj": (0, Hkv * D), "v_proj": (0, Hkv * D), "o_proj": (1, H * D)}
+    for name, (dim, n) in want.items():
+        lin = getattr(attn, name, None)
+        if not isinstance(lin, nn.Linear) or lin.weight.dim() != 2 or lin.weight.shape[dim] != n:
+            raise PruningError(f"layer {layer}: {cls} has no plain nn.Linear {name} with {n} "
+                               f"{'rows' if dim == 0 else 'columns'} ({H} heads, {Hkv} kv heads, head_dim {D}); "
+                               "physical pruning supports Llama-family attention with separate q/k/v/o projections.")
+    for pname, p in attn.named_parameters():
+        top = pname.split(".", 1)[0]
+        if top in _PROJECTIONS or (top in ("q_norm", "k_norm") and p.numel() == D) or (
+                pname == "sinks" and tuple(p.shape) == (H,)):
+            continue
+        raise PruningError(f"layer {layer}: {cls}.{pname} {tuple(p.shape)} spans several heads or holds one entry "
+                           "per head, and prune() only cuts q/k/v rows and o columns (q/k norms over one head_dim "
+                           "are fine): the pruned model would differ from the ablated one. Ablate these heads "
+                           "instead (headscope.circuits.ablate_heads).")
+
+
+def _probe_logits(hf: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False).logits.float()
 
 
 def _attn_modules(hf: nn.Module) -> list[nn.Module]:
@@ -105,19 +147,47 @@ def prune(model: HeadscopeModel, heads) -> HeadscopeModel:
     (the compact form, for running); save it with `save_pruned`. Recording statistics on it is not
     supported (heads per layer differ); record on the original with `ablate_heads` instead.
     """
+    if getattr(model.hf.config, CONFIG_FIELD, None) is not None or model.state is None:
+        raise PruningError("this model is already pruned (its head indices are no longer the original ones): "
+                           "prune the original model with the union of both head sets.")
     masks = check_prunable(model, heads)
     meta = model.meta
+    H, Hkv, D = meta.n_heads, meta.n_kv_heads, meta.head_dim
+    for l, attn in enumerate(_attn_modules(model.hf)):
+        _check_attention(attn, l, H, Hkv, D)
     hf = copy.deepcopy(model.hf)
     if model.state._users:  # copied inside an edit/record context: run the copy as transformers would
         hf.set_attn_implementation(model.state._saved_impl)
+    attns = _attn_modules(hf)
+    # Reference for the check below: the copy with the pruned heads' o columns zeroed (columns the
+    # rebuild drops anyway), i.e. the zero-ablated model, as transformers runs it.
+    V = hf.get_input_embeddings().num_embeddings
+    ids = ((torch.arange(8) * 7919 + 1) % V)[None].to(next(hf.parameters()).device)
+    with torch.no_grad():
+        for l, m in masks.items():
+            for h in torch.nonzero(m)[:, 0].tolist():
+                attns[l].o_proj.weight[:, h * D:(h + 1) * D] = 0
+    want = _probe_logits(hf, ids)
     layout = []
-    for l, attn in enumerate(_attn_modules(hf)):
-        mask = masks.get(l, torch.zeros(meta.n_heads, dtype=torch.bool))
-        groups, G = _groups_for(mask, meta.n_heads, meta.n_kv_heads)
+    for l, attn in enumerate(attns):
+        mask = masks.get(l, torch.zeros(H, dtype=torch.bool))
+        groups, G = _groups_for(mask, H, Hkv)
         padded = [(g, hs + [None] * (G - len(hs))) for g, hs in groups]
         if mask.any():
             _rebuild(attn, padded, G)
         layout.append({"G": G, "groups": [[g, hs] for g, hs in padded]})
+    try:
+        got = _probe_logits(hf, ids)
+    except Exception as exc:  # e.g. an attention that reshapes with a fixed head count
+        raise PruningError(f"{type(attns[0]).__name__} does not run with fewer heads per layer ({exc}); physical "
+                           "pruning supports attention that infers the head count from q/k/v shapes "
+                           "(Llama-family). Ablate the heads instead.") from exc
+    tol = (1e-4 if hf.dtype in (torch.float32, torch.float64) else 5e-2) * (1 + float(want.abs().max()))
+    err = float((got - want).abs().max())
+    if not err <= tol:
+        raise PruningError(f"the pruned {type(attns[0]).__name__} model's logits differ from the zero-ablated "
+                           f"model's by {err:.3g} (tolerance {tol:.3g}) on a test input: this attention keeps "
+                           "per-head state that prune() does not cut. Ablate the heads instead.")
     pruned = sorted((l, int(h)) for l, m in masks.items() for h in torch.nonzero(m)[:, 0].tolist())
     setattr(hf.config, CONFIG_FIELD, {"pruned_heads": pruned, "layout": layout, "n_heads": meta.n_heads,
                                       "n_kv_heads": meta.n_kv_heads, "head_dim": meta.head_dim})
