@@ -236,8 +236,9 @@ class ActivationStore:
 
 def collect(model, layer: int, site: str, token_batches: Iterable[torch.Tensor], n_tokens: int, *,
             store: ActivationStore | None = None, progress: bool = True) -> ActivationStore:
-    """Stream activations of (layer, site) over token batches into a store until it holds
-    n_tokens (rounded down to whole shards; at least one shard)."""
+    """Stream activations of (layer, site) over token batches [B, S] into a store until it holds
+    n_tokens (rounded down to whole shards; at least one shard). Position 0 of every sequence (BOS)
+    is left out, so each [B, S] batch adds B * (S - 1) rows [n, d_in] float32 (see `site_dim`)."""
     model.meta.check_layer(layer)
     d_in = site_dim(model.meta, site)
     store = store or ActivationStore(d_in=d_in, shard_tokens=min(65536, max(1, n_tokens)))

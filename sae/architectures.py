@@ -36,6 +36,16 @@ class SAEConfigError(HeadscopeError, ValueError):
 
 @dataclass
 class SAEConfig:
+    """Shape and architecture of an SAE (module docstring for the architectures).
+
+    d_in: activation size (site z: n_heads * head_dim); d_sae: number of latents; arch: relu, topk,
+    batchtopk or jumprelu; k: active latents per token (topk) or per token on average (batchtopk);
+    k_aux, aux_coeff, dead_tokens: AuxK (topk, batchtopk; Gao et al.'s 256, 1/32, 10M tokens);
+    jumprelu_init_threshold / jumprelu_bandwidth: theta at init and the straight-through kernel
+    width. model, layer, site, n_heads, head_dim: where the activations come from (n_heads and
+    head_dim are what `head_attribution` splits the decoder by).
+    """
+
     d_in: int
     d_sae: int
     arch: str = "topk"

@@ -26,7 +26,11 @@ from .activations import ActivationError, stream_activations
 
 @torch.no_grad()
 def reconstruction_metrics(sae, activations: Iterable[torch.Tensor], dense_threshold: float = 0.1) -> dict:
-    """L0, FVU, dead / dense fractions and per-latent density over batches x [n, d_in]."""
+    """L0, FVU, dead / dense fractions and per-latent density over batches x [n, d_in].
+
+    Returns {"tokens", "l0", "fvu", "mse" (squared error summed over d_in, mean over tokens),
+    "dead_frac", "dense_frac" (density > dense_threshold), "density" [d_sae] float32}.
+    """
     sae.eval()
     n, l0, err = 0, 0.0, 0.0
     s1, s2 = None, None
@@ -79,7 +83,11 @@ def _next_token_loss(model, ids: torch.Tensor) -> tuple[float, int]:
 
 @torch.no_grad()
 def ce_loss_recovered(model, sae, layer: int, token_batches: Iterable[torch.Tensor], *, skip_first: bool = True) -> dict:
-    """Clean / SAE-spliced / zero-ablated next-token loss of a z-site SAE and the fraction recovered."""
+    """Clean / SAE-spliced / zero-ablated next-token loss of a z-site SAE and the fraction recovered.
+
+    token_batches: token ids [B, S]. Returns {"ce_clean", "ce_sae",
+    "ce_zero" (nats/token over every next-token target), "tokens", "ce_recovered"}.
+    """
     model.meta.check_layer(layer)
     if sae.cfg.site != "z":
         raise ActivationError("CE loss recovered is implemented for z (head output) SAEs; this one is on "
@@ -122,8 +130,10 @@ def head_attribution(sae, n_heads: int | None = None, head_dim: int | None = Non
 @torch.no_grad()
 def top_activating(model, sae, layer: int, token_batches: Iterable[torch.Tensor], latents, *, n: int = 10,
                    context: int = 8) -> list[dict]:
-    """Top-n activating token positions of each latent in `latents` over the batches, with text
-    context (`context` tokens either side; the top token in [[ ]]). One dict per (latent, rank)."""
+    """Top-n activating token positions of each latent in `latents` over token batches [B, S]
+    (position 0 is never a candidate), with text context (`context` tokens either side; the top
+    token in [[ ]]). One dict per (latent, rank): latent, rank (0 = highest), activation, row (the
+    sequence's index over all batches), position, token, context; latents that never fire have none."""
     latents = list(latents)
     best: dict[int, list] = {i: [] for i in latents}
     idx = torch.tensor(latents, dtype=torch.long)

@@ -39,6 +39,11 @@ class CheckpointError(HeadscopeError, ValueError):
 
 @dataclass
 class TrainConfig:
+    """Training settings. steps = total_tokens // batch_size; the learning rate warms up linearly
+    over warmup_frac of the steps and decays linearly to 0 over the last decay_frac; seed fixes the
+    initialisation and the batch order; b_dec_init: "geometric_median", "mean" or "zeros" on
+    init_sample rows of the store; grad_clip: max gradient norm (0 = off)."""
+
     total_tokens: int = 1_000_000
     batch_size: int = 1024
     lr: float = 4e-4
