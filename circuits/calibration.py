@@ -14,6 +14,7 @@ calibrated; `sequential=False` takes every layer's sinks from one uncalibrated p
 from __future__ import annotations
 
 import math
+import operator
 from contextlib import contextmanager
 
 import pandas as pd
@@ -104,12 +105,32 @@ def calibrate(model: HeadscopeModel, heads, batch: dict, *, beta: float = BETA, 
         yield used
 
 
+def _choice_ids(model: HeadscopeModel, item: dict) -> list[int]:
+    """First token ids of an item's choices; refuses ties (they would make accuracy meaningless)."""
+    choices = item.get("choices") or []
+    label = item.get("label")
+    try:
+        label = None if isinstance(label, bool) else operator.index(label)  # ints, numpy / torch integers
+    except TypeError:
+        label = None
+    if len(choices) < 2 or label is None or not 0 <= label < len(choices):
+        raise CalibrationError(f"a task item needs at least two choices and an integer label indexing them; got "
+                               f"choices {choices!r}, label {label!r} (prompt {item.get('prompt')!r}).")
+    ids = [first_token_id(model, c) for c in choices]
+    if len(set(ids)) < len(ids):
+        toks = [model.tokenizer.convert_ids_to_tokens(i) for i in ids]
+        raise CalibrationError(f"choices {choices!r} share a first token ({toks}); choices are scored by their first "
+                               f"token, so these would tie (prompt {item.get('prompt')!r}). Reword them.")
+    return ids
+
+
 def choice_logprobs(model: HeadscopeModel, items: list[dict], *, heads=(), beta: float = BETA,
                     threshold: float = THRESHOLD, batch_size: int = 40, sequential: bool = True) -> torch.Tensor:
     """[N, n_choices] log-probabilities of each choice's first token after its prompt, optionally
     with ACT on `heads`. items: {"prompt", "choices": [...], "label": index}."""
     if not items:
         raise CalibrationError("no task items.")
+    choice_ids = [_choice_ids(model, it) for it in items]
     out = []
     for i in range(0, len(items), batch_size):
         chunk = items[i:i + batch_size]
@@ -122,7 +143,7 @@ def choice_logprobs(model: HeadscopeModel, items: list[dict], *, heads=(), beta:
             else:
                 logits = model.hf(**batch, use_cache=False).logits
         lp = torch.log_softmax(logits[torch.arange(len(chunk)), last].float(), -1).cpu()
-        ids = torch.tensor([[first_token_id(model, c) for c in it["choices"]] for it in chunk])
+        ids = torch.tensor(choice_ids[i:i + batch_size])
         out.append(lp.gather(1, ids))
     return torch.cat(out)
 

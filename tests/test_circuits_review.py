@@ -82,3 +82,17 @@ def test_prune_of_a_pruned_model_is_refused_clearly():
     once = prune(model, [(0, 1)])
     with pytest.raises(PruningError, match="already pruned"):
         prune(once, [(0, 2)])
+
+
+def test_act_choices_must_differ_in_their_first_token(model):
+    # ACT scores a choice by its first token: " New York" and " New Delhi" both start with " New", so
+    # their log-probabilities tie and argmax silently picked choice 0 (accuracy 0.0 here, 1.0 with label 0).
+    from headscope.circuits.calibration import CalibrationError, accuracy, choice_logprobs
+
+    items = [{"prompt": "The capital of India is", "choices": [" New York", " New Delhi"], "label": 1}]
+    lp = None
+    with pytest.raises(CalibrationError, match="first token"):
+        lp = choice_logprobs(model, items)
+    assert lp is None
+    with pytest.raises(CalibrationError, match="label"):
+        accuracy(model, [{"prompt": "The opposite of hot is", "choices": [" cold", " warm"], "label": 2}])
