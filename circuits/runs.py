@@ -35,6 +35,8 @@ def token_loss(model, tokens: torch.Tensor, targets: torch.Tensor, batch_size: i
     predicted from position j - 1, so targets[:, 0] must be False). Runs under whatever
     `model.edit_attention` / ablation context is active.
     """
+    if targets.dtype != torch.bool:  # an int 0/1 mask would index the losses by position
+        raise InputError(f"targets must be a bool mask, got dtype {targets.dtype}; use targets.bool().")
     if targets.shape != tokens.shape or targets[:, 0].any():
         raise InputError("targets must be a [N, S] bool mask like tokens, with no target at position 0.")
     total, count = 0.0, 0

@@ -96,3 +96,21 @@ def test_act_choices_must_differ_in_their_first_token(model):
     assert lp is None
     with pytest.raises(CalibrationError, match="label"):
         accuracy(model, [{"prompt": "The opposite of hot is", "choices": [" cold", " warm"], "label": 2}])
+
+
+def test_token_loss_targets_must_be_a_bool_mask(model):
+    # an int 0/1 mask indexed the losses by position (entries 0 and 1), a silently wrong mean
+    import torch.nn.functional as F
+
+    from headscope.circuits.runs import token_loss
+    from headscope.probe.errors import InputError
+
+    tokens = model.tokenize(["The quick brown fox jumps over the lazy dog."], prepend_bos=True)["input_ids"]
+    mask = torch.zeros_like(tokens, dtype=torch.bool)
+    mask[:, 5:] = True
+    with torch.no_grad():
+        logits = model.hf(input_ids=tokens).logits
+    ce = F.cross_entropy(logits[0, :-1].float(), tokens[0, 1:], reduction="none")
+    assert token_loss(model, tokens, mask, 4) == pytest.approx(float(ce[4:].mean()), rel=1e-5)
+    with pytest.raises(InputError, match="bool"):
+        token_loss(model, tokens, mask.long(), 4)
