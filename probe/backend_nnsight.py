@@ -21,6 +21,7 @@ from .errors import InputError, RecordingError
 from .external import add_layer_probs, batch_inputs, finish, make_recorder
 from .meta import ModelMeta
 from .model import find_attention_modules
+from .native import ModelState
 from .recording import Recording
 
 
@@ -56,6 +57,13 @@ def record_nnsight(lm, inputs, stats: StatsRequest | None = None, *, patterns=No
         raise InputError("the nnsight backend does not record head_out; use the native backend "
                          "(model.record(head_out=...)).")
     hf = lm._module
+    state = ModelState.existing(hf)  # set when a HeadscopeModel wraps the same transformers model
+    if state is not None and state.in_use:
+        what = "an edit (model.edit_attention)" if state.edits else "a native recording (model.record)"
+        raise InputError(f"{what} is active on this model: the nnsight backend traces under eager attention, "
+                         "which bypasses headscope's attention function, so the trace would show the unedited "
+                         "model. Record edited runs with the native backend (model.record inside "
+                         "model.edit_attention), or call record_nnsight outside those blocks.")
     meta = ModelMeta.from_config(hf.config, getattr(hf, "name_or_path", None) or type(hf).__name__)
     device = next(hf.parameters()).device
     ids, mask = batch_inputs(inputs, lm.tokenizer, meta, device, attention_mask, prepend_bos, padding_side)

@@ -1,13 +1,17 @@
 """TransformerLens backend: record a user's TL 4 `TransformerBridge` into a headscope `Recording`.
 
     from transformer_lens.model_bridge import TransformerBridge
-    bridge = TransformerBridge.boot_transformers(local_dir, hf_model=model.hf, tokenizer=model.tokenizer)
+    own = load_model(local_dir)   # a copy of its own: booting swaps its attention modules in place
+    bridge = TransformerBridge.boot_transformers(local_dir, hf_model=own.hf, tokenizer=own.tokenizer)
     rec = record_transformer_lens(bridge, "The cat sat on the mat.", stats=StatsRequest.all())
 
 Patterns come from each layer's `hook_pattern`, `lse` from `hook_attn_scores` (the scaled, softcapped,
 masked pre-softmax scores), head outputs from `hook_z`; statistics are computed layer by layer inside
 the hooks, so only one layer's S x S matrix is alive at a time beyond what TransformerLens itself holds.
 Booting with `hf_model=` keeps the HF weights unprocessed, so logits and patterns match the HF model.
+Booting replaces that model's attention modules with bridge components that never call headscope's
+attention function, so a HeadscopeModel around the same transformers model can no longer edit or
+record natively (it raises RecordingError); give the bridge a model of its own.
 """
 
 from __future__ import annotations

@@ -36,7 +36,14 @@ def batch_inputs(inputs, tokenizer, meta: ModelMeta, device, attention_mask=None
     ids = inputs[None] if inputs.dim() == 1 else inputs
     if ids.dim() != 2:
         raise InputError(f"token ids must be [S] or [B, S], got shape {tuple(inputs.shape)}.")
-    mask = torch.ones_like(ids) if attention_mask is None else attention_mask
+    if attention_mask is None:
+        mask = torch.ones_like(ids)
+    else:
+        mask = torch.as_tensor(attention_mask)
+        mask = mask[None] if mask.dim() == 1 and inputs.dim() == 1 else mask
+        if mask.shape != ids.shape:
+            raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)} but the token ids have "
+                             f"{tuple(inputs.shape)}; give one mask entry per token.")
     return ids.to(device), mask.to(device)
 
 

@@ -87,7 +87,7 @@ def load_model(spec=None, *, device=None, dtype: torch.dtype | None = None, toke
     if not isinstance(spec, (str, os.PathLike)):
         raise ModelLoadError(f"unknown model spec {spec!r}: give None (embedded model), a local directory, "
                              "a hub id, or a transformers model object.")
-    spec = str(spec)
+    spec = os.path.expanduser(str(spec))  # "~/models/x" is a local directory (transformers does not expand ~)
     return _load_transformers(spec, dev, dtype, tokenizer, trust_remote_code, device_map, name or spec)
 
 

@@ -129,8 +129,9 @@ class ModelState:
     def _forget_length(self, module, args, output):
         calls, self.attention_calls = self.attention_calls, None
         self.seq_len = self.attention_mask = None
-        # output is None when the forward raised (StopForward included): that error stands.
-        if output is not None and calls == 0 and self.in_use:
+        # output is None when the forward raised (StopForward included): that error stands. A model
+        # switched to another implementation on purpose (a copy run as transformers would) is left alone.
+        if output is not None and calls == 0 and self.in_use and self.hf.config._attn_implementation == IMPL:
             raise RecordingError(
                 f"{type(self.hf).__name__} ran a forward pass without calling headscope's attention function "
                 "in any layer, so the active edits were not applied and nothing could be recorded: its "
