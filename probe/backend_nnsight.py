@@ -56,6 +56,8 @@ def record_nnsight(lm, inputs, stats: StatsRequest | None = None, *, patterns=No
     if head_out:
         raise InputError("the nnsight backend does not record head_out; use the native backend "
                          "(model.record(head_out=...)).")
+    if getattr(lm, "dispatched", True) is False:
+        lm.dispatch()  # TransformersModel(path) holds meta tensors until its weights are loaded
     hf = lm._module
     state = ModelState.existing(hf)  # set when a HeadscopeModel wraps the same transformers model
     if state is not None and state.in_use:

@@ -106,3 +106,35 @@ def test_external_backends_take_a_mask_shaped_like_the_ids(model):
     for bad in (mask[:-2], torch.ones(2, ids.shape[0], dtype=torch.long)):
         with pytest.raises(InputError, match="attention_mask"):
             record_nnsight(lm, ids, req, attention_mask=bad)
+
+
+def _tiny_llama_dir(model, path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      hidden_size=32, intermediate_size=64, vocab_size=49152,
+                                      max_position_embeddings=128)).eval()
+    hf.save_pretrained(path)
+    model.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_nnsight_model_loaded_lazily_from_a_directory(model, tmp_path):
+    """nnsight's usual construction, TransformersModel(path), keeps the weights on the meta device until
+    the first trace; the backend read the device from them and sent the ids to 'meta' ("Tensor.item()
+    cannot be called on meta tensors"). It must record, with the native backend's numbers."""
+    import nnsight
+
+    path = _tiny_llama_dir(model, tmp_path / "tiny")
+    native = load_model(str(path))
+    batch = native.tokenize(["The cat sat on the mat and looked at the dog", "Hello there"], padding_side="left")
+    req = StatsRequest(entropy=True, offsets=(1,), sink_k=1)
+    _, ref = native.run_recorded(batch["input_ids"], batch["attention_mask"], req)
+    cls = getattr(nnsight, "TransformersModel", None) or nnsight.LanguageModel
+    lm = cls(str(path), tokenizer=model.tokenizer, task="text-generation")
+    from headscope.probe.backend_nnsight import record_nnsight
+
+    rec = record_nnsight(lm, batch, req)
+    for name in ref.stats:
+        assert (rec.stats[name] - ref.stats[name]).abs().max() < 1e-5, name
