@@ -122,20 +122,26 @@ def _calibrated(model: HeadscopeModel, masks: dict, batch: dict, beta: float, th
 def _choice_ids(model: HeadscopeModel, item: dict) -> list[int]:
     """First token ids of an item's choices; refuses ties (they would make accuracy meaningless)."""
     choices = item.get("choices") or []
-    label = item.get("label")
-    try:
-        label = None if isinstance(label, bool) else operator.index(label)  # ints, numpy / torch integers
-    except TypeError:
-        label = None
-    if len(choices) < 2 or label is None or not 0 <= label < len(choices):
-        raise CalibrationError(f"a task item needs at least two choices and an integer label indexing them; got "
-                               f"choices {choices!r}, label {label!r} (prompt {item.get('prompt')!r}).")
+    if not choices:
+        raise CalibrationError(f"a task item needs choices (prompt {item.get('prompt')!r}).")
     ids = [first_token_id(model, c) for c in choices]
     if len(set(ids)) < len(ids):
         toks = [model.tokenizer.convert_ids_to_tokens(i) for i in ids]
         raise CalibrationError(f"choices {choices!r} share a first token ({toks}); choices are scored by their first "
                                f"token, so these would tie (prompt {item.get('prompt')!r}). Reword them.")
     return ids
+
+
+def _label(item: dict) -> int:
+    label = item.get("label")
+    try:
+        label = None if isinstance(label, bool) else operator.index(label)  # ints, numpy / torch integers
+    except TypeError:
+        label = None
+    if label is None or not 0 <= label < len(item.get("choices") or []):
+        raise CalibrationError(f"a task item's label must be an integer index into its choices; got label "
+                               f"{item.get('label')!r} for choices {item.get('choices')!r}.")
+    return label
 
 
 def choice_logprobs(model: HeadscopeModel, items: list[dict], *, heads=(), beta: float = BETA,
@@ -164,8 +170,8 @@ def choice_logprobs(model: HeadscopeModel, items: list[dict], *, heads=(), beta:
 
 def accuracy(model: HeadscopeModel, items: list[dict], **kw) -> float:
     """Fraction of items whose label has the highest first-token probability among the choices."""
+    labels = torch.tensor([_label(it) for it in items])
     lp = choice_logprobs(model, items, **kw)
-    labels = torch.tensor([it["label"] for it in items])
     return float((lp.argmax(1) == labels).float().mean())
 
 
