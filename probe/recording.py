@@ -36,6 +36,11 @@ def _with_extension(path: Path) -> Path:
 
 @dataclass
 class Recording:
+    """What `HeadscopeModel.record` left behind: tokens [B, S], attention_mask [B, S], stats[name]
+    [B, L, H, S(, k)], and the optional patterns / head_out / q / k / v of the layers (and heads)
+    listed in pattern_layers / pattern_heads / head_out_layers / qkv_layers (shapes: module docstring).
+    Read them with `stat`, `pattern`, `z` and `head_mean`; `save` / `load` round-trip the whole of it."""
+
     meta: ModelMeta
     tokens: torch.Tensor
     attention_mask: torch.Tensor
@@ -138,6 +143,7 @@ class Recording:
 
     @classmethod
     def load(cls, path) -> "Recording":
+        """Read a file written by `save`; the name given to `save` works too ("run" finds "run.safetensors")."""
         from safetensors import safe_open
 
         path = Path(path)

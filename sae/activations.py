@@ -181,6 +181,7 @@ class ActivationStore:
         return len(self._shards) * self.shard_tokens
 
     def shard(self, i: int) -> torch.Tensor:
+        """Shard i: [shard_tokens, d_in] float32 (read from disk when spilled)."""
         s = self._shards[i]
         if isinstance(s, torch.Tensor):
             return s

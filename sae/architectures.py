@@ -166,9 +166,11 @@ class SAE(nn.Module):
         return _JumpReLU.apply(pre, theta, self.cfg.jumprelu_bandwidth)
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Latent activations f [n, d_sae] of x [n, d_in] (`activate` of the pre-activations)."""
         return self.activate(self.pre_acts(x))
 
     def decode(self, f: torch.Tensor) -> torch.Tensor:
+        """Reconstruction x_hat [n, d_in] = f @ W_dec + b_dec of latents f [n, d_sae]."""
         return f @ self.W_dec + self.b_dec
 
     def forward(self, x: torch.Tensor) -> dict:
