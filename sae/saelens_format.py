@@ -69,7 +69,9 @@ def to_saelens(sae: SAE, *, context_size: int = 256, prepend_bos: bool = True,
 
 
 def save_sae(sae: SAE, directory, *, log_sparsity: torch.Tensor | None = None, overwrite: bool = True, **meta) -> Path:
-    """Write `sae` as a SAELens directory. log_sparsity [d_sae]: log10 firing frequencies."""
+    """Write `sae` as a SAELens directory and return its path. log_sparsity [d_sae]: log10 firing
+    frequencies (without it, a sparsity file already in the directory is removed: it described
+    another SAE). meta: `to_saelens` options (context_size, prepend_bos, dataset_path)."""
     d = Path(directory)
     if d.exists() and not overwrite and any(d.iterdir()):
         raise SAEFormatError(f"{d} already holds files; refusing to overwrite.")
@@ -79,6 +81,8 @@ def save_sae(sae: SAE, directory, *, log_sparsity: torch.Tensor | None = None, o
     if log_sparsity is not None:
         ls = log_sparsity.detach().float().cpu().contiguous()
         _atomic(d / SPARSITY_FILENAME, lambda p: save_file({"sparsity": ls}, str(p)))
+    else:
+        (d / SPARSITY_FILENAME).unlink(missing_ok=True)
     _atomic(d / CFG_FILENAME, lambda p: p.write_text(json.dumps(cfg, indent=1)))
     return d
 

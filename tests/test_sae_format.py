@@ -93,3 +93,14 @@ def test_pre_6_config_and_bad_files(tmp_path):
     # a BatchTopK SAE before training has no threshold; saving it would reload as a plain ReLU SAE
     with pytest.raises(SAEFormatError, match="threshold"):
         save_sae(SAE(SAEConfig(d_in=16, d_sae=32, arch="batchtopk", k=3)), tmp_path / "btk")
+
+
+def test_overwrite_leaves_no_stale_sparsity(tmp_path):
+    """Saving another SAE over a directory without log_sparsity must not leave the old SAE's
+    sparsity.safetensors behind: load_sparsity would describe the wrong SAE (or the wrong d_sae)."""
+    a = SAE(SAEConfig(d_in=16, d_sae=32, arch="topk", k=3))
+    save_sae(a, tmp_path / "d", log_sparsity=torch.full((32,), -2.0))
+    assert load_sparsity(tmp_path / "d").shape == (32,)
+    save_sae(SAE(SAEConfig(d_in=16, d_sae=64, arch="topk", k=3)), tmp_path / "d")
+    assert load_sparsity(tmp_path / "d") is None
+    assert load_sae(tmp_path / "d").cfg.d_sae == 64
