@@ -18,7 +18,7 @@ import torch
 from headscope.kernels.stats import StatsRequest
 
 from .errors import InputError, RecordingError
-from .external import add_layer_probs, batch_inputs, finish, make_recorder
+from .external import add_layer_probs, batch_inputs, extra_inputs, finish, make_recorder
 from .meta import ModelMeta
 from .model import find_attention_modules
 from .native import ModelState
@@ -43,7 +43,8 @@ def record_nnsight(lm, inputs, stats: StatsRequest | None = None, *, patterns=No
         lm: an `nnsight.TransformersModel` (or the older `LanguageModel`) wrapping a transformers model
             whose attention layers return their probabilities under eager attention (Llama family,
             Gemma, GPT-2, BERT, ...).
-        inputs: a text, a list of texts, or token ids [S] / [B, S] (then attention_mask [B, S] optional).
+        inputs: a text, a list of texts, token ids [S] / [B, S] (then attention_mask [B, S] optional), or a
+            tokenizer's output (input_ids, attention_mask, token_type_ids).
         stats, patterns, keyset, max_pattern_bytes: as `HeadscopeModel.record` (no `lse`, see module doc).
         head_out: not available here (nnsight does not see z before the output projection); must be None.
     Returns:
@@ -69,6 +70,7 @@ def record_nnsight(lm, inputs, stats: StatsRequest | None = None, *, patterns=No
     meta = ModelMeta.from_config(hf.config, getattr(hf, "name_or_path", None) or type(hf).__name__)
     device = next(hf.parameters()).device
     ids, mask = batch_inputs(inputs, lm.tokenizer, meta, device, attention_mask, prepend_bos, padding_side)
+    extra = extra_inputs(inputs, ids)
     recorder, request = make_recorder(meta, device, request, patterns, None, keyset, max_pattern_bytes)
     recorder.begin_call(ids, mask, ids.shape[1], ids.shape[0], 0)
     names = {m: n for n, m in hf.named_modules()}
@@ -76,7 +78,7 @@ def record_nnsight(lm, inputs, stats: StatsRequest | None = None, *, patterns=No
     saved_impl = hf.config._attn_implementation
     hf.set_attn_implementation("eager")
     try:
-        with lm.trace({"input_ids": ids, "attention_mask": mask}):
+        with lm.trace({"input_ids": ids, "attention_mask": mask, **extra}):
             for layer, path in enumerate(paths):
                 p = _envoy(lm, path).output[1]
                 if p is None:

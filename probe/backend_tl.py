@@ -16,12 +16,14 @@ record natively (it raises RecordingError); give the bridge a model of its own.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from headscope.kernels.stats import StatsRequest
 
-from .errors import ModelLoadError
-from .external import add_layer_probs, batch_inputs, finish, make_recorder
+from .errors import InputError, ModelLoadError
+from .external import add_layer_probs, batch_inputs, extra_inputs, finish, make_recorder
 from .meta import ModelMeta
 from .recording import Recording
 
@@ -55,6 +57,12 @@ def record_transformer_lens(bridge, inputs, stats: StatsRequest | None = None, *
     Returns:
         Recording with stats [B, L, H, S] (lse included when the bridge exposes hook_attn_scores).
     """
+    if isinstance(inputs, Mapping) and "input_ids" in inputs:
+        ids = torch.as_tensor(inputs["input_ids"])
+        types = extra_inputs(inputs, ids[None] if ids.dim() == 1 else ids).get("token_type_ids")
+        if types is not None and bool(types.any()):
+            raise InputError("the TransformerLens backend does not pass token_type_ids to the model (sentence "
+                             "pairs); record them with the native or the nnsight backend.")
     meta = bridge_meta(bridge)
     device = next(bridge.original_model.parameters()).device
     ids, mask = batch_inputs(inputs, bridge.tokenizer, meta, device, attention_mask, prepend_bos, padding_side)

@@ -8,6 +8,8 @@ into the same `Recorder` the native backend uses, so every backend produces the 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 from headscope.kernels.reference import stats_from_probs, visible_keys
@@ -26,7 +28,7 @@ def batch_inputs(inputs, tokenizer, meta: ModelMeta, device, attention_mask=None
     if isinstance(inputs, (str, list, tuple)) and (isinstance(inputs, str) or all(isinstance(t, str) for t in inputs)):
         batch = tokenize_texts(tokenizer, inputs, meta, device, prepend_bos=prepend_bos, padding_side=padding_side)
         return batch["input_ids"], batch["attention_mask"]
-    if isinstance(inputs, dict):
+    if isinstance(inputs, Mapping):  # a dict or a tokenizer's BatchEncoding
         if attention_mask is not None and inputs.get("attention_mask") is not None:
             raise InputError("two attention masks: the inputs dict has one and attention_mask= was given; pass one.")
         mask = inputs.get("attention_mask") if attention_mask is None else attention_mask
@@ -45,6 +47,27 @@ def batch_inputs(inputs, tokenizer, meta: ModelMeta, device, attention_mask=None
             raise InputError(f"attention_mask has shape {tuple(attention_mask.shape)} but the token ids have "
                              f"{tuple(inputs.shape)}; give one mask entry per token.")
     return ids.to(device), mask.to(device)
+
+
+def extra_inputs(inputs, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Model inputs of a dict / BatchEncoding besides input_ids and attention_mask: token_type_ids
+    (sentence pairs; they change an encoder's attention) are returned to be passed on, shaped like the
+    ids; anything else is refused rather than dropped."""
+    if not isinstance(inputs, Mapping):
+        return {}
+    extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask") and v is not None}
+    token_types = extra.pop("token_type_ids", None)
+    if extra:
+        raise InputError(f"the inputs carry {sorted(extra)}, which this backend does not pass to the model; give "
+                         "input_ids, attention_mask and (for sentence pairs) token_type_ids only.")
+    if token_types is None:
+        return {}
+    token_types = torch.as_tensor(token_types)
+    token_types = token_types[None] if token_types.dim() == 1 else token_types
+    if token_types.shape != ids.shape:
+        raise InputError(f"token_type_ids has shape {tuple(token_types.shape)} but the token ids have "
+                         f"{tuple(ids.shape)}.")
+    return {"token_type_ids": token_types.to(ids.device)}
 
 
 def make_recorder(meta: ModelMeta, device, request: StatsRequest | None, patterns, head_out, keyset,

@@ -138,3 +138,30 @@ def test_nnsight_model_loaded_lazily_from_a_directory(model, tmp_path):
     rec = record_nnsight(lm, batch, req)
     for name in ref.stats:
         assert (rec.stats[name] - ref.stats[name]).abs().max() < 1e-5, name
+
+
+def test_nnsight_takes_a_tokenizer_batch_with_sentence_pairs():
+    """A tokenizer's output for a sentence pair carries token_type_ids, which change a BERT encoder's
+    attention. A BatchEncoding was refused ("got BatchEncoding") and the same batch as a plain dict
+    silently lost token_type_ids (entropy off by 0.83 from the native recording of model(**batch))."""
+    import nnsight
+
+    from headscope.probe.backend_nnsight import record_nnsight
+    from headscope.probe.backend_tl import record_transformer_lens
+
+    m = load_model("all-minilm-l6-v2")
+    batch = m.tokenizer(["A man is playing a guitar.", "Dogs bark."], ["Someone plays music on stage.", "Yes."],
+                        return_tensors="pt", padding=True)
+    assert batch["token_type_ids"].any()
+    req = StatsRequest(entropy=True, offsets=(1,))
+    with m.record(req) as ref:
+        m(**batch)
+    lm = nnsight.TransformersModel(m.hf, tokenizer=m.tokenizer, task="feature-extraction")
+    for given in (batch, dict(batch)):
+        rec = record_nnsight(lm, given, req)
+        for name in ref.stats:
+            assert (rec.stats[name] - ref.stats[name]).abs().max() < 1e-4, name
+    with pytest.raises(InputError, match="position_ids"):
+        record_nnsight(lm, {**batch, "position_ids": torch.arange(batch["input_ids"].shape[1])[None]}, req)
+    with pytest.raises(InputError, match="token_type_ids"):  # the bridge is not given them: refused, not dropped
+        record_transformer_lens(object(), batch, req)
