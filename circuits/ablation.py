@@ -26,8 +26,9 @@ def heads_by_layer(model: HeadscopeModel, heads) -> dict[int, torch.Tensor]:
 
 @contextmanager
 def ablate_heads(model: HeadscopeModel, heads, mode: str = "zero"):
-    """Ablate heads inside the block. mode "zero": the head writes nothing; "uniform": the head
-    attends uniformly to the keys it can see (the retrieval paper's masking, query set to 0)."""
+    """Ablate `heads` [(layer, head), ...] in every forward inside the block (yields the model).
+    mode "zero": the head writes nothing; "uniform": the head attends uniformly to the keys it can
+    see (the retrieval paper's masking, query set to 0)."""
     if mode not in ("zero", "uniform"):
         raise InputError(f"ablate_heads mode must be 'zero' or 'uniform', got {mode!r} "
                          "(mean / resample ablation: headscope.circuits.interventions).")
