@@ -80,6 +80,8 @@ class Validation:
         return bool(self.top_k_damage > self.random_median)
 
     def verdict(self) -> str:
+        """One sentence for reports: top-k damage as a multiple of the median random set's (or both
+        numbers), or that the detector failed; plus the control numbers when there is a control."""
         if self.passed and self.random_median > 0:
             text = (f"ablating the top-{self.k} {self.kind} heads does {self.top_k_damage / self.random_median:.1f}x "
                     f"the damage of the median random {self.k}-head set ({self.metric}).")
@@ -97,6 +99,8 @@ class Validation:
         return text
 
     def to_dict(self) -> dict:
+        """JSON-ready dict. Unlike the field of the same name, its "random_k_damage" is the median
+        (a float); the per-set values are "random_k_damage_all" (likewise in "control")."""
         d = {"k": self.k, "top_k_damage": float(self.top_k_damage), "random_k_damage": float(self.random_median),
              "random_k_damage_all": [float(x) for x in self.random_k_damage], "metric": self.metric,
              "baseline": float(self.baseline), "passed": self.passed, "verdict": self.verdict(),
