@@ -60,7 +60,8 @@ assert torch.allclose(pattern.sum(-1), torch.ones(pattern.shape[0]), atol=1e-5)
 px.imshow(pattern, x=labels, y=labels, title=f"layer {layer} head {head}", color_continuous_scale="Blues")"""),
     ("md", """## Rank heads with a detector
 Every detector returns a `DetectorResult`: `.scores` is a `HeadScores` table (one row per head) and,
-with `validate=True`, `.validation` is a causal check: ablating its top-k heads must hurt the behaviour more than ablating random heads.
+with `validate=True`, `.validation` is a causal check: ablating its top-k heads must hurt the behaviour
+more than ablating random heads.
 `headscope rank` on the command line runs all of them and writes an HTML report; open it with
 `headscope explore --report headscope-report`."""),
     ("code", """from headscope.circuits import DetectorConfig, run_detector, top_heads
@@ -114,13 +115,13 @@ px.imshow(pattern, title=f"induction head L{layer}H{head} on [BOS] r r (T={T})",
     ("md", """## Loss on the repeated half, with and without the top induction heads
 Ablating any 8 heads may cost some loss, so 8 random heads from outside the top 8 are the control
 (`validate=True` does the same over several random sets)."""),
-    ("code", """def repeated_half_loss(m, ids):
+    ("code", """from headscope.circuits.validation import random_head_sets
+
+def repeated_half_loss(m, ids):
     with torch.no_grad():
         logits = m(input_ids=ids, use_cache=False).logits
     lp = torch.log_softmax(logits[:, T + 1:-1].float(), -1)
     return float(-lp.gather(-1, ids[:, T + 2:, None]).mean())
-
-from headscope.circuits.validation import random_head_sets
 
 ids = repeated_random_tokens(model.tokenizer, 2 if SMALL else 8, T, seed=2)
 clean = repeated_half_loss(model, ids)
