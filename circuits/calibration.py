@@ -84,21 +84,6 @@ def calibrate(model: HeadscopeModel, heads, batch: dict, *, beta: float = BETA, 
     """
     beta = check_beta(beta)
     masks = heads_by_layer(model, heads)
-    # Sinks are per head ([B, H, S] key sets), which only the exact torch path computes: the fused
-    # Triton kernel (what "auto" picks on CUDA) takes one key set per call and refuses them.
-    state = model.state
-    saved_backend = state.backend
-    if saved_backend == "triton" or (saved_backend == "auto" and model.device.type == "cuda"):
-        state.backend = "torch"
-    try:
-        with _calibrated(model, masks, batch, beta, threshold, sequential) as used:
-            yield used
-    finally:
-        state.backend = saved_backend
-
-
-@contextmanager
-def _calibrated(model: HeadscopeModel, masks: dict, batch: dict, beta: float, threshold: float, sequential: bool):
     edits: dict[int, LayerEdit] = {}
     used: dict[int, torch.Tensor] = {}
     mask = batch.get("attention_mask")

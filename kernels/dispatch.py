@@ -166,9 +166,6 @@ def attention(
     if v.shape[-1] != q.shape[-1]:
         raise KernelInputError(f"the Triton kernel needs v's head_dim equal to q's ({q.shape[-1]}), got "
                                f"{v.shape[-1]} (e.g. MLA models): call with backend='torch'.")
-    if key_scale is not None and key_scale.keys.dim() == 3:
-        raise KernelInputError("per-head key sets (key_scale.keys [B, H, Sk]) are computed by the torch path "
-                               "only: call with backend='torch' (or one key set [B, Sk] for all heads).")
     if not triton_available():
         raise KernelInputError("backend 'triton' needs the triton package (pip install triton).")
     from .triton_attention import attention_triton

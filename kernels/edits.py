@@ -24,7 +24,7 @@ HEAD_MASK_MODES = ("zero", "uniform")
 @dataclass(frozen=True)
 class KeyScale:
     """ACT calibration. beta: [H] per-head factor (1 = unchanged); keys: [B, Sk] bool key set, or
-    [B, H, Sk] for one key set per head (ACT finds sinks per head; torch path only)."""
+    [B, H, Sk] for one key set per head (ACT finds sinks per head)."""
 
     beta: torch.Tensor
     keys: torch.Tensor

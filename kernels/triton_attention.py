@@ -226,7 +226,7 @@ def _attention_call(
     sink's first key, the previous token of key 0, and argmax / colsum are placed here."""
     full_valid, full_tok = key_valid, token_ids
     if key_start:
-        cut = lambda t: None if t is None else t[:, key_start:]  # noqa: E731
+        cut = lambda t: None if t is None else t[..., key_start:]  # noqa: E731
         key_valid, token_ids, keyset = cut(key_valid), cut(token_ids), cut(keyset)
         if key_scale is not None:
             key_scale = KeyScale(beta=key_scale.beta, keys=cut(key_scale.keys))
@@ -297,6 +297,9 @@ def _attention_call(
     else:
         prev_tok = tok
     ks_keys = _as_u8(key_scale.keys if key_scale is not None else None, B, Sk, dev)
+    # ACT's key set: one for all heads [B, Sk], or one per head [B, H, Sk] (sinks found per head)
+    per_head = key_scale is not None and key_scale.keys.dim() == 3
+    ks_strides = (H * Sk, Sk) if per_head else (Sk, 0)
     ks_beta = key_scale.beta.to(**f32).contiguous() if key_scale is not None else dummy_f
     kb_keys = _as_u8(key_bias.keys if key_bias is not None else None, B, Sk, dev)
     kb_bias = key_bias.bias.to(**f32).contiguous() if key_bias is not None else dummy_f
@@ -379,7 +382,7 @@ def _attention_call(
     fwd_args = (
         q, k, v, out, *q.stride(), *k.stride(), *v.stride(),
         H, G, Sq, Sk, OFF, qk_scale, cap2, int(window or 0), int(request.sink_k),
-        kv_u8, tok, prev_tok, kset, ks_keys, ks_beta, kb_keys, kb_bias, hmask, first, offs,
+        kv_u8, tok, prev_tok, kset, ks_keys, *ks_strides, ks_beta, kb_keys, kb_bias, hmask, first, offs,
         lse_o, ent_o, amax_o, mprob_o, sink_o, off_o, match_o, next_o, kset_o, lse2_int, coef_int,
     )
     fwd_flags = dict(
@@ -412,7 +415,7 @@ def _attention_call(
         # Both plans sort the same query rows (sq): one (perm_q, sorted_q) serves both statistics.
         pair_args = (q, k, lse2_int, coef_int, *sq, *sets[0], *sets[1],
                      *q.stride(), *k.stride(), H, G, Sq, Sk, OFF, qk_scale, cap2, int(window or 0), n_tiles,
-                     kb_keys, kb_bias, ks_keys, hmask)
+                     kb_keys, kb_bias, ks_keys, *ks_strides, hmask)
         pair_flags = dict(
             HEAD_DIM=HEAD_DIM, D_TRUE=D, BLOCK_M=_pair_tiles(interp)[0], CAUSAL=bool(causal),
             HAS_WINDOW=window is not None, MATCH="match_mass" in plans, NEXT="next_match_mass" in plans,
@@ -451,7 +454,7 @@ def _attention_call(
         colsum = empty(B, H, Sk)
         cs_args = (q, k, lse2_int, coef_int, colsum, *q.stride(), *k.stride(),
                    H, G, Sq, Sk, OFF, qk_scale, cap2, int(window or 0),
-                   kv_u8, ks_keys, kb_keys, kb_bias, hmask)
+                   kv_u8, ks_keys, *ks_strides, kb_keys, kb_bias, hmask)
 
         def launch():
             if interp or Sq < 64:

@@ -70,7 +70,7 @@ def _colsum_kernel(
     Q, K, Lse2, Coef, Colsum,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd,
     H, G, Sq, Sk, OFF, qk_scale, cap2, window,
-    KeyValid, KsKeys, KbKeys, KbBias, HeadMask,
+    KeyValid, KsKeys, ks_bs, ks_hs, KbKeys, KbBias, HeadMask,
     HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KV: tl.constexpr, SOFTCAP: tl.constexpr,
     KEY_BIAS: tl.constexpr, KEY_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_UNIFORM: tl.constexpr,
@@ -99,7 +99,7 @@ def _colsum_kernel(
     KbKeys_b = KbKeys + b64 * Sk
     inset = offs_n < 0
     if KEY_SCALE:
-        inset = tl.load(KsKeys + b64 * Sk + offs_n, mask=offs_n < Sk, other=0) != 0
+        inset = tl.load(KsKeys + b64 * ks_bs + h.to(tl.int64) * ks_hs + offs_n, mask=offs_n < Sk, other=0) != 0
     zero_head = False
     uniform = False
     if HAS_ZERO:

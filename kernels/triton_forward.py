@@ -382,7 +382,7 @@ def _attn_fwd(
     sqb, sqh, sqm, sqd, skb, skh, skn, skd, svb, svh, svn, svd,
     H, G, Sq, Sk, OFF,
     qk_scale, cap2, window, sink_k,
-    KeyValid, Tok, PrevTok, KeyW, KsKeys, KsBeta, KbKeys, KbBias, HeadMask, First, Offs,
+    KeyValid, Tok, PrevTok, KeyW, KsKeys, ks_bs, ks_hs, KsBeta, KbKeys, KbBias, HeadMask, First, Offs,
     LseO, EntO, AmaxO, MprobO, SinkO, OffO, MatchO, NextO, KsetO, Lse2Int, CoefInt,
     HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KV: tl.constexpr, SOFTCAP: tl.constexpr,
@@ -395,7 +395,8 @@ def _attn_fwd(
     """Grid (cdiv(Sq, BLOCK_M), B * H). Out [B, H, Sq, D] contiguous; statistics [B, H, Sq(, n)] float32.
 
     Lse2Int [B, H, Sq]: base-2 lse for the colsum pass (+inf on rows that see nothing);
-    CoefInt [B, H, Sq, 2]: the ACT factors (set, rest) of each row.
+    CoefInt [B, H, Sq, 2]: the ACT factors (set, rest) of each row. KsKeys: ACT's key set, sequence b's
+    (head h's) at KsKeys + b * ks_bs + h * ks_hs (ks_hs = 0: one set for every head).
     """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -423,7 +424,7 @@ def _attn_fwd(
         KeyW_b = KeyW + kb_off * KW
     else:
         KeyW_b = KeyW + kb_off
-    KsKeys_b = KsKeys + kb_off
+    KsKeys_b = KsKeys + b64 * ks_bs + h.to(tl.int64) * ks_hs
     KbKeys_b = KbKeys + kb_off
 
     zero_head = False

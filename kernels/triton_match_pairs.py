@@ -78,7 +78,7 @@ def _pair_mass_kernel(
     Out1, Count1, PermK1, TokK1, KLo1, KHi1, Out2, Count2, PermK2, TokK2, KLo2, KHi2,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd,
     H, G, Sq, Sk, OFF, qk_scale, cap2, window, n_tiles,
-    KbKeys, KbBias, KsKeys, HeadMask,
+    KbKeys, KbBias, KsKeys, ks_bs, ks_hs, HeadMask,
     HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MATCH: tl.constexpr, NEXT: tl.constexpr,
     SOFTCAP: tl.constexpr, KEY_BIAS: tl.constexpr, KEY_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
@@ -117,7 +117,7 @@ def _pair_mass_kernel(
         cr = tl.load(Coef + 2 * srow + 1, mask=m_ok, other=1.0)
     K_bh = K + b64 * skb + hk.to(tl.int64) * skh
     KbKeys_b = KbKeys + b64 * Sk
-    KsKeys_b = KsKeys + b64 * Sk
+    KsKeys_b = KsKeys + b64 * ks_bs + h.to(tl.int64) * ks_hs
     uniform = False
     if HAS_UNIFORM:
         uniform = tl.load(HeadMask + h) != 0

@@ -116,25 +116,3 @@ def test_token_loss_targets_must_be_a_bool_mask(model):
         token_loss(model, tokens, mask.long(), 4)
 
 
-def test_calibrate_runs_where_the_fused_kernel_would(model):
-    # ACT's sinks are per head ([B, H, S] key sets), which only the torch path computes; on CUDA the
-    # default backend picks the Triton kernel, which refused them (KernelInputError) on every forward.
-    # backend "triton" takes that same branch on CPU (the refusal comes before Triton is needed).
-    from headscope.circuits.calibration import calibrate
-
-    batch = model.tokenize(["Review: The soup was cold. The staff, however, were kind.\nSentiment:"], prepend_bos=True)
-    heads = [(3, h) for h in range(model.meta.n_heads)] + [(10, 2), (10, 5)]
-    with torch.no_grad(), calibrate(model, heads, batch) as used:
-        want = model.hf(**batch).logits
-    assert any(u.any() for u in used.values())
-    model.state.backend = "triton"
-    try:
-        with torch.no_grad(), calibrate(model, heads, batch):
-            got = model.hf(**batch).logits
-        assert model.state.backend == "triton"  # restored
-    finally:
-        model.state.backend = "auto"
-    # "auto" on CPU runs SDPA on the layers without edits, "torch" the chunked path: float32 rounding
-    torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
-    with torch.no_grad():
-        assert (model.hf(**batch).logits - want).abs().max() > 1e-2  # calibration changed the logits

@@ -106,8 +106,9 @@ def _inputs(c: dict, seed: int):
         kw["head_mask"] = hm
         kw["head_mask_mode"] = c["head_mask"]
     if c.get("key_scale"):
-        keys = torch.rand(B, Sk, generator=g) < 0.25
-        keys[:, 0] = True  # the first key is a sink in ACT: its first row sees only the set (guard)
+        # one set for all heads, or one per head (ACT's sinks)
+        keys = torch.rand(*((B, H, Sk) if c["key_scale"] == "per_head" else (B, Sk)), generator=g) < 0.25
+        keys[..., 0] = True  # the first key is a sink in ACT: its first row sees only the set (guard)
         beta = torch.rand(H, generator=g) * 0.8 + 0.2
         kw["key_scale"] = KeyScale(beta=beta, keys=keys)
     if c.get("key_bias"):
@@ -213,6 +214,7 @@ CASES = [
     _case("head_mask_uniform", head_mask="uniform", pad="left"),
     _case("key_scale", key_scale=True),
     _case("key_scale_window_pad", key_scale=True, window=6, pad="mixed", Sq=30, Sk=44),
+    _case("key_scale_per_head", key_scale="per_head", pad="left", Sq=30, Sk=44, H=4, Hkv=2),
     _case("everything", key_scale=True, key_bias=True, softcap=5.0, head_mask="uniform", window=11,
           pad="left", Sq=28, Sk=40, H=4, Hkv=1),
     _case("noncausal_key_scale_bias", causal=False, key_scale=True, key_bias=True, pad="right", H=2, Hkv=1),
@@ -238,7 +240,7 @@ def test_batch_split_at_the_grid_limit(match_path, monkeypatch):
     """B x H above CUDA's grid-axis limit runs in slices of sequences (3 + 3 + 1 here, with a limit of
     3 x H); each sequence's edits, masks and tokens must follow it into its slice."""
     monkeypatch.setattr(ta, "MATCH_PATH", match_path)
-    c = dict(name="batch_split", B=7, H=4, Hkv=2, Sq=20, Sk=26, D=64, pad="mixed", key_scale=True,
+    c = dict(name="batch_split", B=7, H=4, Hkv=2, Sq=20, Sk=26, D=64, pad="mixed", key_scale="per_head",
              key_bias=True, head_mask="uniform", window=9)
     q, k, v, kw = _inputs(c, SEED)
     calls = []
@@ -260,7 +262,8 @@ def test_key_start_reads_only_the_kept_keys(Sq, key_start, match_path, monkeypat
     token in view."""
     monkeypatch.setattr(ta, "MATCH_PATH", match_path)
     W, S = 9, 40
-    c = dict(name=f"key_start{key_start}", B=3, H=4, Hkv=2, Sq=Sq, Sk=S, D=64, window=W, key_scale=True,
+    c = dict(name=f"key_start{key_start}", B=3, H=4, Hkv=2, Sq=Sq, Sk=S, D=64, window=W,
+             key_scale="per_head" if Sq > 1 else True,
              key_bias=True, vocab=3)
     q, k, v, kw = _inputs(c, SEED + key_start)
     kv = torch.ones(3, S, dtype=torch.bool)
@@ -289,6 +292,36 @@ def test_probe_records_sliding_window_decode_through_the_kernel():
     model.state.backend = "triton"
     check_decode_matches_forward(model, StatsRequest.all(topk=2, sink_k=2, offsets=(1, 2), colsum=True),
                                  prompt_len=7, new=5, tol=1e-4)
+
+
+def test_act_calibration_runs_through_the_kernel():
+    """ACT's sinks are per head ([B, H, S] key sets): through the (interpreted) Triton kernel,
+    calibration must give the logits of the exact torch path, and change them."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from headscope.circuits.calibration import calibrate
+    from headscope.probe import load_model
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=60, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = load_model(LlamaForCausalLM(cfg).eval())
+    ids = torch.randint(3, 60, (2, 14))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["attention_mask"][1, :3] = 0
+    heads = [(0, 1), (0, 2), (1, 0), (1, 3)]
+    logits = {}
+    for backend in ("torch", "triton"):
+        model.state.backend = backend
+        with torch.no_grad(), calibrate(model, heads, batch) as used:
+            logits[backend] = model.hf(**batch).logits
+    assert all(u[:, [h for l, h in heads if l == layer]].any() for layer, u in used.items())
+    model.state.backend = "torch"
+    with torch.no_grad():
+        plain = model.hf(**batch).logits
+    real = batch["attention_mask"].bool()
+    assert (logits["triton"] - logits["torch"])[real].abs().max() < 1e-4
+    assert (logits["torch"] - plain)[real].abs().max() > 1e-2
 
 
 def test_key_start_refuses_dropped_keys_in_view():
