@@ -66,8 +66,9 @@ def make_inputs(c: dict, gen: torch.Generator):
         hm[: H // 2] = True
         kw["head_mask"], kw["head_mask_mode"] = hm, c["head_mask"]
     if c.get("key_scale"):
-        keys = torch.rand(B, Sk, generator=gen, device=dev) < 0.05
-        keys[:, 0] = True
+        # "per_head": one key set per head, as ACT's sinks
+        keys = torch.rand(*((B, H, Sk) if c["key_scale"] == "per_head" else (B, Sk)), generator=gen, device=dev) < 0.05
+        keys[..., 0] = True
         kw["key_scale"] = KeyScale(beta=torch.full((H,), 0.4, device=dev), keys=keys)
     if c.get("key_bias"):
         kw["key_bias"] = KeyBias(bias=torch.randn(H, generator=gen, device=dev),
@@ -193,7 +194,7 @@ CASES = [
     dict(name="bf16 d64 zipf50k forced dense S=16k", B=1, H=2, Hkv=1, Sq=16384, Sk=16384, D=64, vocab="zipf",
          match_path="dense"),
     dict(name="bf16 d128 vocab3 forced sparse ks+bias S=4k", B=1, H=4, Hkv=2, Sq=4096, Sk=4096, D=128,
-         vocab=3, match_path="sparse", key_scale=True, key_bias=True, softcap=30.0),
+         vocab=3, match_path="sparse", key_scale="per_head", key_bias=True, softcap=30.0),
     dict(name="bf16 d64 causal S=1k", B=2, H=4, Hkv=2, Sq=1024, Sk=1024, D=64),
     dict(name="bf16 d128 causal S=4k", B=1, H=4, Hkv=2, Sq=4096, Sk=4096, D=128),
     dict(name="bf16 d64 causal S=16k", B=1, H=4, Hkv=2, Sq=16384, Sk=16384, D=64),
@@ -220,7 +221,7 @@ CASES = [
          key_scale=True, key_bias=True, softcap=30.0, topk=3),
     dict(name="bf16 d64 head_mask zero S=4k", B=1, H=4, Hkv=2, Sq=4096, Sk=4096, D=64, head_mask="zero"),
     dict(name="bf16 d64 head_mask uniform+key_scale S=2k", B=1, H=4, Hkv=2, Sq=2048, Sk=2048, D=64,
-         head_mask="uniform", key_scale=True),
+         head_mask="uniform", key_scale="per_head"),
     dict(name="fp16 d128 causal S=8k", B=1, H=2, Hkv=1, Sq=8192, Sk=8192, D=128, dtype=torch.float16),
     dict(name="fp32 d64 causal pad S=2k", B=2, H=2, Hkv=1, Sq=2048, Sk=2048, D=64, dtype=torch.float32,
          pad="right"),
