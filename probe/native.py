@@ -131,7 +131,9 @@ class ModelState:
         self.seq_len = self.attention_mask = None
         # output is None when the forward raised (StopForward included): that error stands. A model
         # switched to another implementation on purpose (a copy run as transformers would) is left alone.
-        if output is not None and calls == 0 and self.in_use and self.hf.config._attn_implementation == IMPL:
+        # So is a deep copy made inside a context (it carries a copy of this state, bound to no module).
+        if (output is not None and calls == 0 and self.in_use and self.hf.config._attn_implementation == IMPL
+                and any(s is self for s, _ in _MODULES.values())):
             raise RecordingError(
                 f"{type(self.hf).__name__} ran a forward pass without calling headscope's attention function "
                 "in any layer, so the active edits were not applied and nothing could be recorded: its "

@@ -165,3 +165,17 @@ def test_nnsight_takes_a_tokenizer_batch_with_sentence_pairs():
         record_nnsight(lm, {**batch, "position_ids": torch.arange(batch["input_ids"].shape[1])[None]}, req)
     with pytest.raises(InputError, match="token_type_ids"):  # the bridge is not given them: refused, not dropped
         record_transformer_lens(object(), batch, req)
+
+
+def test_a_copy_made_inside_an_edit_context_still_runs(model):
+    """The check that refuses forwards bypassing headscope's attention must not fire on a deep copy made
+    inside a context (prune() does this): the copy carries a copy of the state but no bound module."""
+    import copy
+
+    batch = model.tokenize(TEXT)
+    with torch.no_grad():
+        plain = model.hf(**batch).logits
+        with model.edit_attention({0: LayerEdit(head_mask=torch.ones(model.meta.n_heads, dtype=torch.bool))}):
+            twin = copy.deepcopy(model.hf)
+        assert twin.config._attn_implementation == "headscope"
+        assert torch.allclose(twin(**batch).logits, plain, atol=1e-4)
