@@ -75,17 +75,28 @@ class Validation:
         return float(np.median(r)) if len(r) else float("nan")
 
     @property
-    def passed(self) -> bool:
+    def beats_random(self) -> bool:
         """Top heads do more damage than the median random set."""
         return bool(self.top_k_damage > self.random_median)
+
+    @property
+    def specific(self) -> bool:
+        """Without a control: True. With one: the top heads damage their behaviour more than the
+        control behaviour (DESIGN: temporal heads hurt temporal facts more than invariant ones)."""
+        return not self.control or bool(self.top_k_damage > self.control["top_k_damage"])
+
+    @property
+    def passed(self) -> bool:
+        """More damage than the median random set and, with a control, more than to the control."""
+        return self.beats_random and self.specific
 
     def verdict(self) -> str:
         """One sentence for reports: top-k damage as a multiple of the median random set's (or both
         numbers), or that the detector failed; plus the control numbers when there is a control."""
-        if self.passed and self.random_median > 0:
+        if self.beats_random and self.random_median > 0:
             text = (f"ablating the top-{self.k} {self.kind} heads does {self.top_k_damage / self.random_median:.1f}x "
                     f"the damage of the median random {self.k}-head set ({self.metric}).")
-        elif self.passed:  # a ratio to a median <= 0 means nothing: give both numbers
+        elif self.beats_random:  # a ratio to a median <= 0 means nothing: give both numbers
             text = (f"ablating the top-{self.k} {self.kind} heads does {self.top_k_damage:.4g} damage while the "
                     f"median random {self.k}-head set does {self.random_median:.4g} ({self.metric}).")
         else:
@@ -96,6 +107,9 @@ class Validation:
             c = self.control
             text += (f" Control ({c['metric']}): the same top heads do {c['top_k_damage']:.4g} vs median "
                      f"{self.control_median:.4g} for the random sets.")
+            if self.beats_random and not self.specific:
+                text += (f" They damage the control as much as their own behaviour ({c['top_k_damage']:.4g} vs "
+                         f"{self.top_k_damage:.4g}): not specific to {self.kind}, so not validated.")
         return text
 
     def to_dict(self) -> dict:

@@ -36,6 +36,16 @@ def test_control_in_verdict_and_json():
     assert d["control"]["random_k_damage"] == 0.02 and d["control"]["random_k_damage_all"] == [0.01, 0.05, 0.02]
 
 
+def test_control_damaged_as_much_fails_the_check():
+    """DESIGN: temporal heads must hurt temporal facts more than time-invariant control facts."""
+    v = Validation("temporal", 8, "drop, temporal facts", 0.05, [0.01, 0.02], 0.6,
+                   control={"metric": "drop, invariant facts", "baseline": 0.9, "top_k_damage": 0.09,
+                            "random_k_damage": [0.01, 0.01]})
+    assert v.beats_random and not v.specific and not v.passed
+    assert "not specific to temporal, so not validated" in v.verdict()
+    assert v.to_dict()["passed"] is False
+
+
 def test_no_random_sets_is_refused():
     """With zero random sets there is nothing to compare with: a verdict would read 'median nan'."""
     import pytest
