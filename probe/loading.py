@@ -63,7 +63,8 @@ def load_model(spec=None, *, device=None, dtype: torch.dtype | None = None, toke
     Args:
         spec: None (the embedded SmolLM2-135M-Instruct), "all-minilm-l6-v2" (the embedded BERT-style
             encoder), a local transformers directory, a hub id, or a transformers model object.
-        device: "cpu" (the default), "cuda", "cuda:1", ...; dtype: parameter dtype (float32 by default).
+        device: "cpu" (the default), "cuda", "cuda:1", ...; dtype: parameter dtype (float32 by default),
+            a torch dtype or its name ("bfloat16").
             With a model object, either one given moves the model (in place, as nn.Module.to does);
             neither leaves it where it is.
         tokenizer: tokenizer to use with a model object (else loaded from the same place as the model).
@@ -72,7 +73,11 @@ def load_model(spec=None, *, device=None, dtype: torch.dtype | None = None, toke
     Returns:
         HeadscopeModel carrying the transformers model (`.hf`), its tokenizer and `ModelMeta`.
     """
+    dtype = _check_dtype(dtype)
     if isinstance(spec, torch.nn.Module):
+        if device_map is not None:
+            raise ModelLoadError("device_map places weights while loading them; this model object is already "
+                                 "loaded. Pass its directory or hub id with device_map, or move it with device=.")
         if device is not None or dtype is not None:
             spec = spec.to(device=_check_device(device) if device is not None else None, dtype=dtype)
         return HeadscopeModel(spec, tokenizer if tokenizer is not None else _tokenizer_for(spec), name=name)
@@ -89,6 +94,16 @@ def load_model(spec=None, *, device=None, dtype: torch.dtype | None = None, toke
                              "a hub id, or a transformers model object.")
     spec = os.path.expanduser(str(spec))  # "~/models/x" is a local directory (transformers does not expand ~)
     return _load_transformers(spec, dev, dtype, tokenizer, trust_remote_code, device_map, name or spec)
+
+
+def _check_dtype(dtype) -> torch.dtype | None:
+    """A torch floating dtype, given as one or by name ("bfloat16", "torch.float16")."""
+    if dtype is None or isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    t = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else None
+    if not isinstance(t, torch.dtype) or not t.is_floating_point:
+        raise ModelLoadError(f"dtype must be a torch floating dtype such as torch.bfloat16 or 'bfloat16', got {dtype!r}.")
+    return t
 
 
 def _tokenizer_for(model):

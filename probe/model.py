@@ -143,6 +143,13 @@ class HeadscopeModel:
         return self.hf.generate(*args, **kwargs)
 
     # ---- recording ------------------------------------------------------------------------
+    def _check_bound(self, what: str) -> None:
+        """InputError for a model whose attention headscope does not run (a pruned model)."""
+        if self.state is None:
+            raise InputError(f"cannot {what} on this model: its layers have their own head counts (a pruned "
+                             "model), which headscope's statistics and edits do not handle. Use the original "
+                             "model, with ablate_heads for the pruned heads.")
+
     @contextmanager
     def record(self, stats: StatsRequest | None = None, *, patterns=None, head_out=None, qkv=None,
                keyset: torch.Tensor | None = None, stop_after_layer: int | None = None,
@@ -166,6 +173,7 @@ class HeadscopeModel:
         Yields:
             a `Recording` (shapes: headscope.probe.recording), filled when the block exits.
         """
+        self._check_bound("record")
         request = stats or StatsRequest()
         if request.keyset and keyset is None:
             raise InputError("keyset_mass was requested: pass keyset=, a [B, S] bool mask of the key positions.")
@@ -204,6 +212,7 @@ class HeadscopeModel:
     @contextmanager
     def edit_attention(self, edits: dict[int, LayerEdit]):
         """Apply `LayerEdit`s (layer -> edit) to every forward inside the block; removed on exit."""
+        self._check_bound("edit attention")
         for layer, edit in edits.items():
             self.meta.check_layer(layer)
             if edit.head_mask is not None and edit.head_mask.shape != (self.meta.n_heads,):

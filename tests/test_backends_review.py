@@ -179,3 +179,24 @@ def test_a_copy_made_inside_an_edit_context_still_runs(model):
             twin = copy.deepcopy(model.hf)
         assert twin.config._attn_implementation == "headscope"
         assert torch.allclose(twin(**batch).logits, plain, atol=1e-4)
+
+
+def test_load_model_dtype_by_name_and_device_map_on_an_object():
+    """A model object took dtype only as a torch.dtype (TypeError for "bfloat16") and dropped
+    device_map silently."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from headscope.probe.errors import ModelLoadError
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      hidden_size=16, intermediate_size=32, vocab_size=40,
+                                      max_position_embeddings=32)).eval()
+    ref = hf.model.embed_tokens.weight.to(torch.bfloat16)
+    m = load_model(hf, dtype="bfloat16")
+    assert m.hf.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert torch.equal(m.hf.model.embed_tokens.weight, ref)
+    with pytest.raises(ModelLoadError, match="floating dtype"):
+        load_model(hf, dtype="int8")
+    with pytest.raises(ModelLoadError, match="device_map"):
+        load_model(hf, device_map="auto")

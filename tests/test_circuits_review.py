@@ -11,7 +11,9 @@ import torch
 import transformers as T
 
 from headscope.circuits.pruning import PruningError, load_pruned, prune, save_pruned
+from headscope.circuits import ablate_heads
 from headscope.probe import HeadscopeModel
+from headscope.probe.errors import InputError
 
 D = 8
 
@@ -82,6 +84,13 @@ def test_prune_of_a_pruned_model_is_refused_clearly():
     once = prune(model, [(0, 1)])
     with pytest.raises(PruningError, match="already pruned"):
         prune(once, [(0, 2)])
+    # recording and edits were AttributeErrors on the pruned model
+    with pytest.raises(InputError, match="pruned"):
+        with once.record():
+            pass
+    with pytest.raises(InputError, match="pruned"):
+        with ablate_heads(once, [(1, 0)]):
+            pass
 
 
 def test_act_choices_must_differ_in_their_first_token(model):
