@@ -223,9 +223,9 @@ def detect_retrieval(model: HeadscopeModel, config: DetectorConfig | None = None
     """
     config = config or DetectorConfig()
     p = {**DEFAULTS, **config.params}
-    unknown = set(config.params) - set(DEFAULTS) - {"haystack"}
+    unknown = set(config.params) - set(detect_retrieval.known_params)
     if unknown:
-        raise InputError(f"unknown retrieval parameters {sorted(unknown)}; known: {sorted(DEFAULTS)}.")
+        raise InputError(f"unknown retrieval parameters {sorted(unknown)}; known: {sorted(detect_retrieval.known_params)}.")
     seq_len = config.seq_len or DEFAULT_SEQ_LEN
     lengths = p["lengths"] or sorted({max(64, seq_len // 4), max(64, seq_len // 2), seq_len})
     if model.meta.max_positions and max(lengths) + 128 > model.meta.max_positions:
@@ -263,3 +263,6 @@ def detect_retrieval(model: HeadscopeModel, config: DetectorConfig | None = None
         validation = validate_retrieval(model, df, val_prompts, config.top_k, config.n_random, config.seed,
                                         p["ablation_mode"], p["max_new_tokens"], config.progress)
     return DetectorResult(kind="retrieval", scores=df, summary=summary, validation=validation)
+
+
+detect_retrieval.known_params = tuple(DEFAULTS) + ("haystack",)

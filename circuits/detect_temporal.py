@@ -169,3 +169,6 @@ def detect_temporal(model: HeadscopeModel, config: DetectorConfig | None = None)
         validation, summary["invariant_validation"] = validate_temporal(
             model, df, asked, invariant, config.top_k, config.n_random, config.seed, p["ablation_mode"])
     return DetectorResult(kind="temporal", scores=df, summary=summary, validation=validation)
+
+
+detect_temporal.known_params = tuple(DEFAULTS)

@@ -273,6 +273,11 @@ def test_kind_tables_typos_and_prompt_files(tmp_path, capsys):
     check_params("sink", DetectorConfig(params={"bos": False, "eps": 0.5}))  # documented parameters pass
     with pytest.raises(Exception, match="seq_len"):  # a config field given as a parameter would be ignored
         check_params("sink", DetectorConfig(params={"seq_len": 128}))
+    # every kind checks before any model work (retrieval and temporal only did inside the detector)
+    check_params("retrieval", DetectorConfig(params={"haystack": "Grass is green.", "depths": [0.5]}))
+    for kind in ("retrieval", "temporal"):
+        with pytest.raises(Exception, match=rf"unknown {kind} parameters \['threshhold'\]"):
+            check_params(kind, DetectorConfig(params={"threshhold": 0.2}))
     prompts = tmp_path / "p.txt"
     prompts.write_text("one prompt\n")
     opts = RankOptions(per_kind={"sink": {"prompts_file": str(prompts), "batch_size": 3}})
