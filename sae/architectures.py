@@ -7,8 +7,13 @@ differ in f = act(pre) and the sparsity loss:
 - relu (Bricken et al. 2023 / SAELens "standard"): f = relu(pre); loss = mse + l1 * sum_i f_i
   (decoder rows held at unit norm, so the L1 cannot be gamed by shrinking f and growing W_dec).
 - topk (Gao et al. 2024): f = relu(pre) kept at the k largest entries per token; AuxK revives dead
-  latents: the top k_aux pre-activations among dead latents reconstruct the residual x - x_hat,
-  loss += aux_coeff * ||e - e_hat||^2 / ||e - mean(e)||^2 (dead = no activation for dead_tokens).
+  latents: the top k_aux pre-activations among dead latents reconstruct the residual e = x - x_hat
+  (dead = no activation for dead_tokens). Gao's loss is mse / Var(x) + aux_coeff * ||e - e_hat||^2 /
+  ||e - mean(e)||^2 (both terms normalised, openai/sparse_autoencoder train.py); ours keeps the plain
+  mse, so the AuxK term is multiplied by the batch's total variance Var(x) = mean ||x - mean(x)||^2:
+  loss = Var(x) * Gao's loss, the same gradients up to that scale (without it the AuxK weight
+  relative to the reconstruction would depend on the activations' scale: ~1/10 of Gao's on the
+  embedded model's z, ~1/12000 on its residual stream).
 - batchtopk (Bussmann et al. 2024): the k * B largest relu(pre) over the whole batch; at inference
   a fixed threshold (running mean of the smallest kept activation) replaces the batch top-k.
 - jumprelu (Rajamanoharan et al. 2024): f = pre * H(pre - theta), theta = exp(log_threshold);
@@ -203,9 +208,10 @@ class SAE(nn.Module):
             parts["sparsity"] = l0
             total = total + sparsity_coeff * l0
         if self.cfg.arch in ("topk", "batchtopk") and self.training:
-            aux = self._aux_loss(x, x_hat, pre)
+            aux = self._aux_loss(x, x_hat, pre)  # Gao's normalised AuxK error (dimensionless)
             parts["aux"] = aux
-            total = total + self.cfg.aux_coeff * aux
+            var_x = (x - x.mean(0)).pow(2).sum(-1).mean().detach()
+            total = total + self.cfg.aux_coeff * var_x * aux
         if self.cfg.arch == "batchtopk" and self.training:
             with torch.no_grad():
                 kept = f[f > 0]

@@ -130,7 +130,9 @@ def test_batchtopk_inference_threshold_and_topk_aux_loss():
     e_hat = (torch.zeros_like(pre).scatter(-1, i, v)) @ t.W_dec
     ref = (e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean()
     torch.testing.assert_close(out["aux"], ref)
-    torch.testing.assert_close(out["loss"], out["mse"] + ref / 32)
+    # weighed against the plain mse as Gao weighs it against mse / Var(x) (test_sae_review)
+    var_x = (x - x.mean(0)).pow(2).sum(-1).mean()
+    torch.testing.assert_close(out["loss"], out["mse"] + var_x * ref / 32)
 
 
 def test_geometric_median_beats_mean_under_outliers():
