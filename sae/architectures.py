@@ -241,14 +241,19 @@ class SAE(nn.Module):
         return (e_hat - e).pow(2).sum(-1).mean() / (e - e.mean(0)).pow(2).sum(-1).mean().clamp_min(1e-12)
 
     # ---- decoder norm constraint -----------------------------------------------------------
+    # unit-norm decoder rows: Anthropic / SAELens standard (relu), Gao et al. (topk), Bussmann et al.
+    # (batchtopk: one threshold shared by every latent only means something when f_i is measured in
+    # the same units, ||W_dec_i|| = 1). JumpReLU's L0 penalty is scale-free: left unconstrained.
+    _UNIT_NORM_DECODER = ("relu", "topk", "batchtopk")
+
     @torch.no_grad()
     def remove_parallel_grad(self) -> None:
         """Drop the gradient component along each decoder row (keeps ||W_dec_i|| = 1 to first order)."""
-        if self.cfg.arch in ("relu", "topk") and self.W_dec.grad is not None:
+        if self.cfg.arch in self._UNIT_NORM_DECODER and self.W_dec.grad is not None:
             w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True)
             self.W_dec.grad -= (self.W_dec.grad * w).sum(1, keepdim=True) * w
 
     @torch.no_grad()
     def normalize_decoder(self) -> None:
-        if self.cfg.arch in ("relu", "topk"):
+        if self.cfg.arch in self._UNIT_NORM_DECODER:
             self.W_dec /= self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)

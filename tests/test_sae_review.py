@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from headscope.sae.architectures import SAE, SAEConfig
+from headscope.sae.train import TrainConfig, new_sae, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -53,3 +54,36 @@ def test_topk_auxk_weight_relative_to_reconstruction_is_gaos():
     theirs = torch.autograd.grad(var_total * _gao_loss(s, x, dead), [s.W_enc, s.W_dec, s.b_enc])
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+def test_batchtopk_keeps_unit_norm_decoder():
+    """Bussmann et al. (like Gao et al. for TopK) hold every decoder row at unit norm and project
+    the gradient off the rows; one shared inference threshold is meaningless otherwise."""
+    torch.manual_seed(0)
+    s = SAE(SAEConfig(d_in=12, d_sae=40, arch="batchtopk", k=3))
+    x = torch.randn(64, 12)
+    s.train()
+    s.loss(x)["loss"].backward()
+    g = s.W_dec.grad.clone()
+    w = s.W_dec.detach() / s.W_dec.detach().norm(dim=-1, keepdim=True)
+    ref = g - (g * w).sum(-1, keepdim=True) * w  # make_decoder_weights_and_grad_unit_norm
+    s.remove_parallel_grad()
+    torch.testing.assert_close(s.W_dec.grad, ref)
+    with torch.no_grad():
+        s.W_dec.mul_(torch.rand(40, 1) + 0.5)
+    s.normalize_decoder()
+    torch.testing.assert_close(s.W_dec.norm(dim=-1), torch.ones(40))
+
+
+def test_batchtopk_training_ends_with_unit_norm_decoder():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 16, generator=g) * (torch.rand(4096, 1, generator=g) < 0.3) + torch.randn(4096, 16, generator=g) * 0.1
+    from headscope.sae.activations import ActivationStore
+
+    st = ActivationStore(d_in=16, shard_tokens=1024)
+    st.add(x)
+    st.finish()
+    cfg = SAEConfig(d_in=16, d_sae=64, arch="batchtopk", k=3, dead_tokens=2048)
+    tc = TrainConfig(total_tokens=4096 * 3, batch_size=256, lr=3e-3, b_dec_init="mean")
+    sae = train(new_sae(cfg, st, tc), st, tc, progress=False).sae
+    torch.testing.assert_close(sae.W_dec.detach().norm(dim=-1), torch.ones(64), rtol=1e-5, atol=1e-5)
