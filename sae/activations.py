@@ -6,7 +6,9 @@ Sites (d_in):
 - "z": layer L's per-head outputs before the output projection, concatenated over heads
   [tokens, H * D], recorded with `model.record(head_out=[L], stop_after_layer=L)` so the forward
   stops after that layer's attention.
-- "resid": the residual stream after block L [tokens, d_model] (`output_hidden_states`).
+- "resid": the residual stream after block L [tokens, d_model] (TransformerLens' hook_resid_post),
+  the output of the decoder block that holds layer L's attention, read by a forward hook (HF's
+  `hidden_states[L + 1]` is the same except at the last layer, where it has the final norm applied).
 
 Shuffling: each epoch permutes the shard order, takes `mix_shards` shards at a time, permutes
 their tokens and cuts batches from that. Batch b of a run is a pure function of (seed, b), so a
@@ -58,11 +60,32 @@ def model_activations(model, layer: int, site: str, input_ids: torch.Tensor,
         z = rec.z(layer)
         return z.reshape(z.shape[0], z.shape[1], -1).float()
     if site == "resid":
-        with torch.no_grad():
-            out = model.hf(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                           use_cache=False)
-        return out.hidden_states[layer + 1].float()
+        got = {}
+
+        def keep(module, args, output):
+            got["x"] = (output[0] if isinstance(output, tuple) else output).detach()
+
+        handle = _block_module(model, layer).register_forward_hook(keep)
+        try:
+            with torch.no_grad():
+                model.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            handle.remove()
+        return got["x"].float()
     raise ActivationError(f"unknown site {site!r}; use one of {SITES}.")
+
+
+def _block_module(model, layer: int) -> torch.nn.Module:
+    """The decoder block of `layer`: the ancestor of its attention module whose name ends in the layer
+    index (model.layers.L for model.layers.L.self_attn, transformer.h.L for transformer.h.L.attn)."""
+    attn = model.attention_modules[layer]
+    name = next(n for n, m in model.hf.named_modules() if m is attn)
+    parts = name.split(".")
+    for j in range(len(parts) - 2, -1, -1):
+        if parts[j] == str(layer):
+            return model.hf.get_submodule(".".join(parts[: j + 1]))
+    raise ActivationError(f"cannot find the block of layer {layer} (attention module {name!r}) to read "
+                          "its residual stream output.")
 
 
 def stream_activations(model, layer: int, site: str, batches: Iterable[torch.Tensor], *,

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from headscope.sae.activations import model_activations
 from headscope.sae.architectures import SAE, SAEConfig
 from headscope.sae.train import TrainConfig, new_sae, train
 
@@ -87,3 +88,20 @@ def test_batchtopk_training_ends_with_unit_norm_decoder():
     tc = TrainConfig(total_tokens=4096 * 3, batch_size=256, lr=3e-3, b_dec_init="mean")
     sae = train(new_sae(cfg, st, tc), st, tc, progress=False).sae
     torch.testing.assert_close(sae.W_dec.detach().norm(dim=-1), torch.ones(64), rtol=1e-5, atol=1e-5)
+
+
+def test_resid_site_is_the_block_output_at_every_layer(model):
+    """site "resid" is hook_resid_post: the decoder block's output, also at the last layer (where
+    HF's last hidden state already has the final norm applied)."""
+    ids = model.tokenize(["The cat sat on the mat and looked at the door."], prepend_bos=True)["input_ids"]
+    blocks = model.hf.model.layers
+    for layer in (3, model.meta.n_layers - 1):
+        got = {}
+        h = blocks[layer].register_forward_hook(
+            lambda m, a, o: got.setdefault("x", (o[0] if isinstance(o, tuple) else o).detach().float()))
+        try:
+            with torch.no_grad():
+                model.hf(input_ids=ids, use_cache=False)
+        finally:
+            h.remove()
+        torch.testing.assert_close(model_activations(model, layer, "resid", ids), got["x"], rtol=1e-4, atol=1e-4)
