@@ -159,10 +159,23 @@ def load_sae(directory, *, device="cpu") -> SAE:
         if name not in w or tuple(w[name].shape) != shape:
             got = tuple(w[name].shape) if name in w else "missing"
             raise SAEFormatError(f"{d / WEIGHTS_FILENAME}: {name} is {got}, cfg.json implies {shape}.")
+    if not isinstance(cfg.get("headscope"), dict) and cfg.get("finetuning_scaling_factor"):
+        raise SAEFormatError("finetuning_scaling_factor=True (activations scaled by a stored factor) is not "
+                             "supported.")
+    rescale = bool(cfg.get("rescale_acts_by_decoder_norm")) and not isinstance(cfg.get("headscope"), dict)
+    if rescale and sc.arch != "topk":
+        raise SAEFormatError(f"rescale_acts_by_decoder_norm=True is only understood for topk SAEs, not {sc.arch}.")
     sae = SAE(sc)
     with torch.no_grad():
         for name in want:
             getattr(sae, name).copy_(w[name].float())
+        if rescale:
+            # SAELens: f = TopK(pre * ||W_dec_i||), x_hat = (f / ||W_dec_i||) @ W_dec + b_dec; folding the
+            # norms into the weights (its own _fold_norm_topk) gives the same f and x_hat unrescaled
+            n = sae.W_dec.norm(dim=1)
+            sae.W_enc.mul_(n)
+            sae.b_enc.mul_(n)
+            sae.W_dec.div_(n[:, None])
         if sc.arch in ("jumprelu", "batchtopk"):
             if "threshold" not in w and "log_threshold" not in w:
                 raise SAEFormatError(f"{d / WEIGHTS_FILENAME}: a jumprelu SAE needs `threshold`.")

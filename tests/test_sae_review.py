@@ -1,12 +1,16 @@
 """SAE review: losses, decoder constraints, activation sites and SAELens semantics checked against
 independent references (the papers' reference code re-stated here in plain torch)."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 from headscope.sae.activations import model_activations
 from headscope.sae.architectures import SAE, SAEConfig
+from headscope.sae.saelens_format import SAEFormatError, load_sae
 from headscope.sae.train import TrainConfig, new_sae, train
 
 
@@ -105,3 +109,48 @@ def test_resid_site_is_the_block_output_at_every_layer(model):
         finally:
             h.remove()
         torch.testing.assert_close(model_activations(model, layer, "resid", ids), got["x"], rtol=1e-4, atol=1e-4)
+
+
+def _saelens_topk_rescaled(W_enc, b_enc, W_dec, b_dec, k, x):
+    """sae_lens TopKSAE with rescale_acts_by_decoder_norm=True: encode scales the pre-activations by
+    ||W_dec_i||, TopK + ReLU, decode divides the activations by ||W_dec_i|| again."""
+    n = W_dec.norm(dim=-1)
+    pre = ((x - b_dec) @ W_enc + b_enc) * n
+    v, i = pre.topk(k, dim=-1)
+    f = torch.zeros_like(pre).scatter(-1, i, v.relu())
+    return f, (f / n) @ W_dec + b_dec
+
+
+def test_saelens_topk_with_decoder_norm_rescaling_means_the_same(tmp_path):
+    torch.manual_seed(0)
+    d_in, d_sae, k = 16, 32, 4
+    w = {"W_enc": torch.randn(d_in, d_sae) * 0.3, "b_enc": torch.randn(d_sae) * 0.1,
+         "W_dec": torch.randn(d_sae, d_in) * (torch.rand(d_sae, 1) * 3 + 0.1), "b_dec": torch.randn(d_in) * 0.1}
+    d = tmp_path / "rescaled"
+    d.mkdir()
+    save_file(w, str(d / "sae_weights.safetensors"))
+    (d / "cfg.json").write_text(json.dumps({
+        "architecture": "topk", "d_in": d_in, "d_sae": d_sae, "dtype": "float32", "device": "cpu",
+        "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+        "metadata": {"sae_lens_version": "6.54.12"}, "k": k, "rescale_acts_by_decoder_norm": True}))
+    x = torch.randn(50, d_in)
+    f_ref, x_hat_ref = _saelens_topk_rescaled(w["W_enc"], w["b_enc"], w["W_dec"], w["b_dec"], k, x)
+    sae = load_sae(d)
+    with torch.no_grad():
+        out = sae(x)
+    torch.testing.assert_close(out["f"], f_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out["x_hat"], x_hat_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_saelens_finetuning_scaling_factor_is_refused(tmp_path):
+    """pre-6 SAELens files with finetuning_scaling_factor scale the activations by a stored factor;
+    reading them without it would silently give other outputs."""
+    d = tmp_path / "ft"
+    d.mkdir()
+    save_file({"W_enc": torch.randn(4, 8), "b_enc": torch.zeros(8), "W_dec": torch.randn(8, 4), "b_dec": torch.zeros(4),
+               "finetuning_scaling_factor": torch.full((8,), 2.0)}, str(d / "sae_weights.safetensors"))
+    (d / "cfg.json").write_text(json.dumps({"d_in": 4, "d_sae": 8, "architecture": "standard",
+                                            "hook_point": "blocks.0.hook_resid_post",
+                                            "finetuning_scaling_factor": True}))
+    with pytest.raises(SAEFormatError, match="finetuning_scaling_factor"):
+        load_sae(d)
