@@ -81,13 +81,21 @@ def write_run_info(directory: Path, info: dict) -> None:
     (directory / "run.json").write_text(json.dumps(jsonable(info), indent=1) + "\n")
 
 
+def scored(df: pd.DataFrame) -> pd.DataFrame:
+    """The rows of a HeadScores frame whose head has a score, in rank order. A NaN score means the head
+    could not be scored (e.g. retrieval when the model retrieved no needle): it ranks last and is never
+    shown as a top head."""
+    return df[df["score"].notna()].sort_values("rank")
+
+
 def top_heads_text(results: dict[str, DetectorResult], k: int) -> str:
     """Terminal summary: the top-k heads of each kind with scores, and the causal verdict."""
     lines = []
     for kind, r in results.items():
-        best = r.scores.sort_values("rank").head(k)
+        best = scored(r.scores).head(k)
         heads = ", ".join(f"L{int(l)}H{int(h)} {s:.3g}" for l, h, s in zip(best["layer"], best["head"], best["score"]))
-        lines.append(f"{kind:>16}: {heads}")
+        lines.append(f"{kind:>16}: {heads or 'no head could be scored'}"
+                     + (f" ({r.summary['note']})" if not heads and r.summary.get("note") else ""))
         if r.validation is not None:
             lines.append(f"{'':>16}  causal check: {r.validation.verdict()}")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from plotly.subplots import make_subplots
 from headscope.circuits.scores import DetectorResult, score_grid
 from headscope.probe import ModelMeta
 
-from .rank_output import jsonable
+from .rank_output import jsonable, scored
 
 
 @dataclass
@@ -103,7 +103,7 @@ def _fmt(x) -> str:
 
 
 def top_table(result: DetectorResult, k: int) -> str:
-    best = result.scores.sort_values("rank").head(k)
+    best = scored(result.scores).head(k)  # heads without a score are nobody's top heads
     extra = [c for c in best.columns if c not in ("kind", "layer", "head", "score", "rank") and best[c].notna().any()]
     rows = [[int(r["rank"]), int(r["layer"]), int(r["head"]), _fmt(float(r["score"]))] + [_fmt(jsonable(r[c])) for c in extra]
             for _, r in best.iterrows()]
@@ -142,6 +142,13 @@ def render_report(meta: ModelMeta, results: dict[str, DetectorResult], *, top_k:
                      + _table([[k, _fmt(v)] for k, v in jsonable(info).items()], ["setting", "value"]) + "</details>")
     for kind, r in results.items():
         parts.append(f"<section id='{kind}'><h2>{html.escape(kind)}</h2>")
+        n_scored = int(r.scores["score"].notna().sum())
+        if n_scored == 0:
+            note = r.summary.get("note") if isinstance(r.summary, dict) else None
+            parts.append("<p class='verdict fail'>No head could be scored, so there is no ranking and no causal "
+                         "check for this kind." + (f" {html.escape(str(note))}" if note else "") + "</p>"
+                         + findings(r.summary) + "</section>")
+            continue
         if r.validation is not None:
             cls = "verdict" if r.validation.passed else "verdict fail"
             parts.append(f"<p class='{cls}'>Causal check: {html.escape(r.validation.verdict())}</p>")

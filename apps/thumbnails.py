@@ -7,6 +7,7 @@ import torch
 from headscope.circuits.scores import DetectorResult, top_heads
 from headscope.probe import HeadscopeModel
 
+from .rank_output import scored
 from .report import Thumbnail
 
 # ~24 tokens with a repeated phrase, so previous-token, duplicate and induction heads show their
@@ -22,7 +23,8 @@ def record_thumbnails(model: HeadscopeModel, results: dict[str, DetectorResult],
     """
     if model.tokenizer is None:
         return {}
-    chosen = {kind: top_heads(r.scores, n) for kind, r in results.items()}
+    # heads without a score (NaN) are no kind's top heads
+    chosen = {kind: top_heads(scored(r.scores), n) for kind, r in results.items()}
     pairs = {p for heads in chosen.values() for p in heads}
     if not pairs:
         return {}

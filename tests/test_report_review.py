@@ -1,0 +1,47 @@
+"""Review of what `headscope rank` writes: every number a researcher reads must say what it is and
+must not claim more than was found (unscored heads listed as top heads, NaN shown as a value)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+from headscope.apps.rank_output import top_heads_text
+from headscope.apps.report import render_report
+from headscope.apps.thumbnails import record_thumbnails
+from headscope.circuits.scores import DetectorResult, Validation, head_scores
+
+
+def _unscored_retrieval(L=30, H=9) -> DetectorResult:
+    """What detect_retrieval returns when the model retrieved no needle: every score NaN, no validation."""
+    summary = {"n_trials": 6, "n_retrieved": 0,
+               "note": "the model retrieved no needle (ROUGE-1 recall > 0.5) in 6 trials: no head can be scored."}
+    return DetectorResult("retrieval", head_scores("retrieval", np.full((L, H), np.nan)), summary, None)
+
+
+def test_unscored_heads_are_not_listed_as_top_heads(model):
+    """A kind whose heads could not be scored (retrieval with no retrieved needle) must not list
+    L0H0, L0H1, ... with score nan as its 'top heads', nor draw their patterns as 'the top heads'."""
+    grid = np.arange(30 * 9, dtype=float).reshape(30, 9) / 270
+    grid[29, 8] = np.nan  # one unscored head among scored ones ranks last and is never "top"
+    sink = DetectorResult("sink", head_scores("sink", grid), {}, None)
+    results = {"sink": sink, "retrieval": _unscored_retrieval()}
+
+    text = top_heads_text(results, 5)
+    line = next(l for l in text.splitlines() if l.strip().startswith("retrieval:"))
+    assert "nan" not in line.lower() and "L0H0" not in line
+    assert "no head" in line
+
+    thumbs = record_thumbnails(model, results)
+    assert not thumbs.get("retrieval")
+    assert [(t.layer, t.head) for t in thumbs["sink"]] == [(29, 7), (29, 6), (29, 5), (29, 4)]
+
+    html = render_report(model.meta, results, top_k=8, thumbs=thumbs)
+    section = html[html.index("<section id='retrieval'>"):]
+    section = section[:section.index("</section>")]
+    assert ">nan<" not in section
+    assert "Top 8 heads" not in section
+    assert "no head could be scored" in section.lower()
+    assert "retrieved no needle" in section  # the reason, next to the missing check
