@@ -56,7 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return 2
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # headscope's own warnings on stderr, message only. Not a root handler (logging.basicConfig):
+    # libraries with their own stderr handler that also propagate (huggingface_hub) printed every
+    # warning twice.
+    log = logging.getLogger("headscope")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
     # A terminated run (kill, a scheduler's time limit) unwinds like Ctrl-C, so the temporary report
     # directory is removed rather than left beside --out.
     signal.signal(signal.SIGTERM, _terminated)

@@ -45,3 +45,26 @@ def test_unscored_heads_are_not_listed_as_top_heads(model):
     assert "Top 8 heads" not in section
     assert "no head could be scored" in section.lower()
     assert "retrieved no needle" in section  # the reason, next to the missing check
+
+
+def test_library_warnings_are_printed_once(tmp_path):
+    """The CLI's logging set-up must not print every huggingface_hub warning twice (it has its own
+    stderr handler and propagates to the root logger: a hub id without network showed each
+    'Retrying in 8s' line twice), while headscope's own warnings still appear, once."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from headscope.apps.cli import main\n"
+            "main(['rank', '--detectors', 'nope', '--out', %r])\n"
+            "import logging, huggingface_hub.utils.logging as hl\n"
+            "hl.get_logger('huggingface_hub.utils._http').warning('HUB-RETRY-MSG')\n"
+            "logging.getLogger('headscope').warning('HEADSCOPE-MSG')\n"
+            "logging.getLogger('headscope').info('HEADSCOPE-INFO')\n") % str(tmp_path / "out")
+    env = {**os.environ, "PYTHONPATH": ""}
+    err = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env=env, timeout=120).stderr
+    assert "unknown detector 'nope'" in err
+    assert err.count("HUB-RETRY-MSG") == 1, err
+    assert err.count("HEADSCOPE-MSG") == 1, err
+    assert "HEADSCOPE-INFO" not in err
