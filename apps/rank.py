@@ -76,6 +76,19 @@ def _check_validation_sizes(opts: RankOptions, n_heads: int) -> None:
                              f"(at most {n_heads // 2}), or pass --no-validate.")
 
 
+def _check_seq_len(opts: RankOptions, meta) -> None:
+    """Refuse a seq_len longer than the model's context now, not inside the first detector that
+    reaches a forward pass (after the kinds before it have run)."""
+    if not meta.max_positions:
+        return
+    for kind in opts.kinds:
+        seq_len = opts.detector_config(kind).seq_len
+        if seq_len is not None and seq_len > meta.max_positions:
+            where = "--seq-len" if "seq_len" in opts.from_flags else f"seq_len (config, {kind})"
+            raise InputError(f"{where} {seq_len} is longer than {meta.name}'s context of {meta.max_positions} "
+                             f"tokens: pass --seq-len {meta.max_positions} or less.")
+
+
 def run_rank(opts: RankOptions) -> dict[str, DetectorResult] | None:
     """Run the detectors and (in the main process) write the report. Returns the results."""
     main = sharding.is_main()
@@ -91,6 +104,7 @@ def run_rank(opts: RankOptions) -> dict[str, DetectorResult] | None:
             sharding.barrier()
         timing = {"load_model_s": time.perf_counter() - t0}
         _check_validation_sizes(opts, model.meta.n_total_heads)
+        _check_seq_len(opts, model.meta)
         cpu: dict[str, float] = {}
         results: dict[str, DetectorResult] = {}
         bar = tqdm(opts.kinds, desc="detectors", unit="kind", disable=opts.quiet or not main, file=sys.stderr)

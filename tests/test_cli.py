@@ -318,3 +318,22 @@ def test_too_large_top_k_is_refused_before_the_detectors(tmp_path, fake_registry
     monkeypatch.setattr(rank_mod, "get_detector", lambda kind: ran.append(kind) or real(kind))
     code = run_cli("--detectors", "sink", "--top-k", "136", "--out", str(tmp_path / "big"), "--quiet")
     assert code == 2 and "too large" in capsys.readouterr().err and ran == []
+
+
+def test_seq_len_beyond_the_models_context_is_refused_before_the_detectors(tmp_path, fake_registry, shared_model,
+                                                                            capsys, monkeypatch):
+    """--seq-len longer than the model's context: one message naming the flag and the limit, before any
+    detector runs (it failed inside the first detector that reached a forward, after the kinds before
+    it had run, with 'truncate it' advice that a CLI user cannot follow)."""
+    import headscope.circuits.detectors as registry
+
+    ran = []
+    real = registry.get_detector
+    monkeypatch.setattr(rank_mod, "get_detector", lambda kind: ran.append(kind) or real(kind))
+    limit = shared_model.meta.max_positions
+    code = run_cli("--detectors", "previous_token,sink", "--seq-len", str(limit + 1), "--n-prompts", "1",
+                   "--no-validate", "--out", str(tmp_path / "long"), "--quiet")
+    err = capsys.readouterr().err
+    assert code == 2 and ran == [], err
+    assert f"--seq-len {limit + 1}" in err and str(limit) in err and "context" in err
+    assert not (tmp_path / "long").exists()
