@@ -1,7 +1,9 @@
 """Attention-sink detector (Gu et al. 2024, "When Attention Sink Emerges in Language Models").
 
-Per head, alpha = mean attention that key 0 receives over all queries (its own row included, where
-it is 1), on T = 64-token natural-text prompts: alpha = colsum_0 / T = mean_i sink_mass_i. The
+Per head, alpha = mean attention that key 0 receives over all queries that can see it (its own row
+included, where it is 1), on T = 64-token natural-text prompts: alpha = colsum_0 / T = mean_i
+sink_mass_i in a causal layer without a window; a sliding-window layer (window w < T) divides by the
+w queries that see key 0 instead of T (the others give it 0 by construction). The
 model-level metric is Sink_1^eps = fraction of heads with alpha > eps (eps = 0.3); published:
 GPT2-XL 77.0%, Llama-2-7B 92.5%, Llama-3-8B 99.0%.
 
@@ -12,8 +14,10 @@ sequence, the summary also gives Sink_1^eps with the first text token at positio
 (`sink_ratio_no_bos`): Gu et al. find the sink on the first token whatever that token is.
 
 Sink tokens beyond position 0 (ACT's rule): key j >= 1 is a sink in a head when
-colsum_j / (S - j) > 0.1, judged only for keys seen by at least `min_queries` (8) queries (the
-mean over fewer rows is dominated by the key's own row, which every head weights).
+colsum_j / (S - j) > 0.1, S - j being the number of queries that see key j (capped at the window in
+sliding-window layers; S in a non-causal encoder), judged only for keys seen by at least
+`min_queries` (8) queries (the mean over fewer rows is dominated by the key's own row, which every
+head weights).
 
 Causal check: zero-ablating a head that parks its attention on the sink removes an output that is
 small by design, so it tests the wrong thing. We remove the sink itself instead: in the top-k
@@ -51,6 +55,22 @@ def _param(config: DetectorConfig, name: str):
     return config.params.get(name, DEFAULTS[name])
 
 
+def queries_seeing_keys(meta, S: int) -> torch.Tensor:
+    """[L, S] float64: how many of S queries can see key j in each layer. Causal: S - j, capped at the
+    window w of a sliding-window layer (query i sees j when i - j < w); encoders: S (or the keys
+    within |i - j| < w)."""
+    j = torch.arange(S)
+    windows = meta.sliding_windows or (None,) * meta.n_layers
+    rows = []
+    for w in windows:
+        if meta.causal:
+            rows.append(S - j if w is None else torch.clamp(S - j, max=int(w)))
+        else:
+            rows.append(torch.full((S,), S) if w is None
+                        else torch.clamp(j + int(w), max=S) - torch.clamp(j - int(w) + 1, min=0))
+    return torch.stack(rows).double()
+
+
 def sink_alpha(model, tokens: torch.Tensor, config: DetectorConfig, threshold: float, min_queries: int,
                desc: str = "sink"):
     """(alpha [L, H], extra_sinks [L, H] mean count per prompt, sink-token Counter, prompts with any)."""
@@ -59,13 +79,13 @@ def sink_alpha(model, tokens: torch.Tensor, config: DetectorConfig, threshold: f
     alpha = torch.zeros(L, H, dtype=torch.float64)
     extra = torch.zeros(L, H, dtype=torch.float64)
     token_counts: Counter = Counter()
-    judged = torch.arange(S) >= 1
-    judged &= (S - torch.arange(S)) >= min_queries
-    per_key = (S - torch.arange(S)).double()
+    per_key = queries_seeing_keys(model.meta, S)  # [L, S]
+    judged = (torch.arange(S) >= 1) & (per_key >= min_queries)  # [L, S]
+    per_key, judged = per_key[:, None], judged[:, None]  # broadcast over heads
     # under torchrun each process records its own slice of the prompts; sums merged below
     for ids, _, rec in recorded_batches(model, shard(tokens), StatsRequest(sink_k=1, colsum=True), config.batch_size,
                                         config.progress and is_main(), desc):
-        alpha += rec.stat("sink_mass").double().mean(-1).sum(0).cpu()
+        alpha += (rec.stat("sink_mass").double().sum(-1).cpu() / per_key[..., 0]).sum(0)
         share = rec.stat("colsum").double().cpu() / per_key  # [b, L, H, S]
         sinks = (share > threshold) & judged
         extra += sinks.sum(-1).sum(0).double()
@@ -99,7 +119,7 @@ def detect_sink(model, config: DetectorConfig) -> DetectorResult:
         f"sink_ratio": ratio, "sink_ratio_percent": round(100 * ratio, 2),
         "corpus_repeated": repeated,
         "extra_sinks": {
-            "rule": f"colsum_j / (S - j) > {threshold}, keys 1..S-{min_q}",
+            "rule": f"colsum_j / (queries that see key j) > {threshold}, keys j >= 1 seen by >= {min_q} queries",
             "heads_with_extra_sinks": int((extra > 0).sum()),
             "mean_extra_sinks_per_head_prompt": float(extra.mean()),
             "top_tokens": [(model.tokenizer.decode([t]), c) for t, c in counts.most_common(10)],

@@ -1,0 +1,145 @@
+"""Detectors and their causal checks against references written here in plain torch, on transformers'
+eager attention matrices (attn_implementation="eager", output_attentions=True) or hooks on o_proj:
+no headscope statistics, kernels or edits are used to compute the expected numbers."""
+
+import numpy as np
+import pytest
+import torch
+
+from headscope.circuits import DetectorConfig, run_detector
+from headscope.circuits import prompts as P
+from headscope.circuits.detect_sink import sink_alpha
+from headscope.circuits.scores import score_grid
+from headscope.circuits.validation import random_head_sets
+from headscope.probe import load_model
+
+from eager_reference import eager_patterns
+
+
+def _grid(model, df, column="score"):
+    return torch.tensor(score_grid(df, model.meta.n_layers, model.meta.n_heads, column))
+
+
+def _eager(model, ids):
+    """eager_patterns for models (Gemma2) that have no SDPA path to switch back to."""
+    impl = model.hf.config._attn_implementation
+    model.hf.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model.hf(input_ids=ids, output_attentions=True, use_cache=False)
+    finally:
+        model.hf.set_attn_implementation(impl)
+    return torch.stack(out.attentions, 1).double()  # [B, L, H, S, S]
+
+
+# ---- sink: alpha over the queries that can see key 0 ------------------------------------------
+def test_sink_alpha_sliding_window_layers_average_over_queries_that_see_key0():
+    """DESIGN: alpha = mean attention key 0 receives over all queries that can see it. In a sliding
+    window layer (window w < S) only the first w queries see key 0; averaging over all S diluted
+    alpha by w / S (0.13 instead of 0.52 here) and Sink_1^eps with it."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_size=32,
+                       intermediate_size=64, vocab_size=100, sliding_window=4, max_position_embeddings=64)
+    model = load_model(Gemma2ForCausalLM(cfg).eval())
+    assert model.meta.sliding_windows == (4, None)
+    S = 16
+    ids = torch.randint(0, 100, (3, S), generator=torch.Generator().manual_seed(1))
+    A = _eager(model, ids)
+    i, j = torch.meshgrid(torch.arange(S), torch.arange(S), indexing="ij")
+    sees = torch.stack([(i >= j) & (i - j < 4), i >= j])  # [L, S, S]: query i sees key j
+    assert (A[:, 0][..., ~sees[0]] == 0).all()  # the reference's own visibility rule holds
+    n_see = sees.sum(1).double()  # [L, S] queries that see each key
+    alpha_ref = (A[..., 0].sum(-1) / n_see[None, :, None, 0]).mean(0)  # [L, H]
+    share = A.sum(-2) / n_see[None, :, None, :]  # [B, L, H, S]
+    judged = (torch.arange(S) >= 1) & (n_see >= 2)[:, None, :]  # [L, 1, S]
+    extra_ref = ((share > 0.1) & judged[None]).sum(-1).double().mean(0)
+    alpha, extra, _ = sink_alpha(model, ids, DetectorConfig(batch_size=3, progress=False), 0.1, 2)
+    assert (alpha - alpha_ref).abs().max() < 1e-5, (alpha, alpha_ref)
+    assert (extra - extra_ref).abs().max() < 1e-9, (extra, extra_ref)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_model("all-minilm-l6-v2")
+
+
+def test_extra_sinks_in_an_encoder_count_every_query(encoder):
+    """ACT's rule divides colsum_j by the number of queries that see key j: S - j in a causal model,
+    S in a (non-causal) encoder. Dividing by S - j there flagged the last keys of every prompt as
+    sinks (1.91 extra sinks per head and prompt on all-MiniLM-L6-v2 at S = 64 instead of 0.125)."""
+    m = encoder
+    assert not m.meta.causal
+    S = 64
+    tok, _ = P.text_windows(m.tokenizer, seq_len=S, n=4, seed=0, bos=False)
+    A = _eager(m, tok)
+    alpha_ref = A[..., 0].mean(-1).mean(0)
+    share = A.sum(-2) / S
+    extra_ref = ((share > 0.1) & (torch.arange(S) >= 1)).sum(-1).double().mean(0)
+    alpha, extra, _ = sink_alpha(m, tok, DetectorConfig(batch_size=4, progress=False), 0.1, 8)
+    assert (alpha - alpha_ref).abs().max() < 1e-5
+    assert (extra - extra_ref).abs().max() < 1e-9, (float(extra.mean()), float(extra_ref.mean()))
+
+
+# ---- every score column of the positional detectors against eager attention ------------------
+def test_sink_scores_match_eager(model):
+    res = run_detector(model, "sink", DetectorConfig(seq_len=32, n_prompts=4, batch_size=4, progress=False,
+                                                     validate=False, seed=2, params={"compare_no_bos": False}))
+    tok, _ = P.text_windows(model.tokenizer, seq_len=32, n=4, seed=2)
+    assert int(tok[0, 0]) == model.tokenizer.bos_token_id
+    A = eager_patterns(model, tok).double()
+    alpha = A[..., 0].mean(dim=(0, 3))  # key 0 over all 32 queries (all see it)
+    assert (_grid(model, res.scores) - alpha).abs().max() < 1e-5
+    assert res.summary["sink_ratio"] == pytest.approx(float((alpha > 0.3).double().mean()))
+    S = 32
+    share = A.sum(-2) / (S - torch.arange(S)).double()
+    judged = (torch.arange(S) >= 1) & ((S - torch.arange(S)) >= 8)
+    extra = ((share > 0.1) & judged).sum(-1).double().mean(0)
+    assert (_grid(model, res.scores, "extra_sinks") - extra).abs().max() < 1e-9
+
+
+def test_previous_token_score_matches_eager(model):
+    res = run_detector(model, "previous_token", DetectorConfig(seq_len=32, n_prompts=4, batch_size=4, progress=False,
+                                                               validate=False, seed=2))
+    tok, _ = P.text_windows(model.tokenizer, seq_len=32, n=4, seed=2)
+    A = eager_patterns(model, tok).double()
+    i = torch.arange(2, 32)  # BOS at 0: from query 2, so the previous token is never the BOS sink
+    ref = A[..., i, i - 1].mean(dim=(0, 3))
+    assert (_grid(model, res.scores) - ref).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind,shift", [("induction", 1), ("duplicate_token", 0)])
+def test_repeat_scores_match_eager(model, kind, shift):
+    T = 10
+    res = run_detector(model, kind, DetectorConfig(seq_len=2 * T + 1, n_prompts=4, batch_size=4, progress=False,
+                                                   validate=False, seed=2))
+    tok = P.repeated_random_tokens(model.tokenizer, 4, T, 2, 2, True)
+    A = eager_patterns(model, tok).double()
+    i = torch.arange(1 + T, 1 + 2 * T)  # the second copy
+    ref = A[..., i, i - T + shift].mean(dim=(0, 3))
+    got = _grid(model, res.scores)
+    assert (got - ref).abs().max() < 1e-5
+    assert got.max() > 0.3  # the embedded model has such heads: the comparison is not of zeros
+    if kind == "induction":  # Olsson prefix matching, 25 x 4, on the prompts of seed + 1
+        Pp, R = 25, 4
+        tok = P.repeated_random_tokens(model.tokenizer, 4, Pp, R, 3, True)
+        A = eager_patterns(model, tok).double()
+        total, n = 0.0, 0
+        for b in range(len(tok)):
+            for q in range(1 + Pp, tok.shape[1]):
+                keys = [k for k in range(1, q + 1) if tok[b, k - 1] == tok[b, q]]
+                total = total + A[b, :, :, q, keys].sum(-1)
+                n += 1
+        assert (_grid(model, res.scores, "prefix_matching") - total / n).abs().max() < 1e-5
+
+
+# ---- causal checks ------------------------------------------------------------------------------
+def test_random_head_sets_exclude_top_and_follow_seeds():
+    top = [(0, 0), (1, 2), (3, 4)]
+    sets = random_head_sets(4, 5, 3, 6, seed=7, exclude=top)
+    pool = [(l, h) for l in range(4) for h in range(5) if (l, h) not in top]
+    for i, s in enumerate(sets):
+        assert len(set(s)) == 3 and not set(s) & set(top)
+        idx = np.random.default_rng(7 + i).choice(len(pool), size=3, replace=False)
+        assert s == sorted(pool[j] for j in idx)
