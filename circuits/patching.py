@@ -39,7 +39,7 @@ def _check_pair(model: HeadscopeModel, clean_ids: torch.Tensor, corrupt_ids: tor
 
 
 def last_logits(model: HeadscopeModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Next-token logits [B, V] at the last position (right padding: the last real token)."""
+    """Next-token logits [B, V] at each row's last real token (right or left padding)."""
     # without padding only the last position's logits are needed (the vocabulary projection dominates)
     keep = {"logits_to_keep": 1} if attention_mask is None else {}
     with torch.no_grad():
@@ -47,7 +47,10 @@ def last_logits(model: HeadscopeModel, input_ids: torch.Tensor, attention_mask: 
     logits = out.logits
     if attention_mask is None:
         return logits[:, -1].float()
-    last = attention_mask.long().sum(1) - 1
+    # the last position holding a real token: mask.sum() - 1 only under right padding
+    real = attention_mask.to(logits.device).bool()
+    S = real.shape[1]
+    last = (S - 1 - real.flip(1).long().argmax(1)).long()
     return logits[torch.arange(logits.shape[0], device=logits.device), last].float()
 
 
@@ -69,7 +72,7 @@ def patch_heads(model: HeadscopeModel, clean_ids: torch.Tensor, corrupt_ids: tor
             into position i of the other.
         metric_fn: logits [B, V] at the last (real) position -> scalar, e.g. a logit difference.
         heads: (layer, head) pairs to patch; None = every head.
-        attention_mask: [B, S] shared by both prompts (right padding), or None.
+        attention_mask: [B, S] shared by both prompts (right or left padding), or None.
         heads_per_batch: heads patched per forward (the batch holds heads_per_batch x B prompts).
     Returns:
         [L, H] float tensor: metric(corrupted with head (l, h) patched from clean) - metric(corrupted);
@@ -119,7 +122,7 @@ def _row_patch(clean: torch.Tensor, rows: list[tuple[int, int]], B: int):
 
 def patched_logits(model: HeadscopeModel, clean_ids: torch.Tensor, corrupt_ids: torch.Tensor, heads,
                    *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Last-position logits [B, V] of the corrupted prompt with all `heads` patched from clean at once
+    """Last-real-position logits [B, V] of the corrupted prompt with all `heads` patched from clean at once
     (a circuit patch; patching every head of every layer reproduces the clean run)."""
     clean_ids, corrupt_ids = _check_pair(model, clean_ids, corrupt_ids, attention_mask)
     heads = [model.meta.check_head(int(l), int(h)) for l, h in heads]

@@ -9,6 +9,7 @@ import torch
 from headscope.circuits import DetectorConfig, run_detector
 from headscope.circuits import prompts as P
 from headscope.circuits.detect_sink import sink_alpha
+from headscope.circuits.patching import last_logits, patch_heads
 from headscope.circuits.scores import score_grid
 from headscope.circuits.validation import random_head_sets
 from headscope.probe import load_model
@@ -143,3 +144,43 @@ def test_random_head_sets_exclude_top_and_follow_seeds():
         assert len(set(s)) == 3 and not set(s) & set(top)
         idx = np.random.default_rng(7 + i).choice(len(pool), size=3, replace=False)
         assert s == sorted(pool[j] for j in idx)
+
+
+# ---- patching with padding ------------------------------------------------------------------------
+TEXTS = ["In 2010 the president of the United States was Barack", "Rain fell."]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_last_logits_reads_the_last_real_token(model, side):
+    """last_logits took position mask.sum() - 1, the last real token only under right padding: with
+    left padding it read a pad position's logits (max difference 30.9 on this batch)."""
+    batch = model.tokenize(TEXTS, prepend_bos=True, padding_side=side)
+    got = last_logits(model, batch["input_ids"], batch["attention_mask"])
+    with torch.no_grad():
+        ref = torch.stack([model.hf(**model.tokenize(t, prepend_bos=True), use_cache=False).logits[0, -1]
+                           for t in TEXTS]).float()
+    assert (got - ref).abs().max() < 1e-3
+
+
+def test_patch_heads_left_padded_matches_unpadded(model):
+    clean = model.tokenize(["In 2010 the president of the United States was", "Rain fell on the town."],
+                           prepend_bos=True, padding_side="left")
+    corrupt = model.tokenize(["In 2018 the president of the United States was", "Snow fell on the town."],
+                             prepend_bos=True, padding_side="left")
+    assert torch.equal(clean["attention_mask"], corrupt["attention_mask"])
+    assert not clean["attention_mask"].all()
+    heads = [(3, 1), (14, 6), (25, 2)]
+    tok = model.tokenizer(" Barack")["input_ids"][0]
+
+    def metric(logits):
+        return logits[:, tok].mean()
+
+    got = patch_heads(model, clean["input_ids"], corrupt["input_ids"], metric, heads=heads,
+                      attention_mask=clean["attention_mask"])
+    # reference: each prompt pair unpadded, one at a time; the metric is a mean over prompts
+    ref = torch.zeros(len(heads))
+    for b in range(2):
+        keep = clean["attention_mask"][b].bool()
+        eff = patch_heads(model, clean["input_ids"][b, keep], corrupt["input_ids"][b, keep], metric, heads=heads)
+        ref += torch.stack([eff[l, h] for l, h in heads]) / 2
+    assert (torch.stack([got[l, h] for l, h in heads]) - ref).abs().max() < 1e-3
