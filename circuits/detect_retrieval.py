@@ -226,14 +226,18 @@ def detect_retrieval(model: HeadscopeModel, config: DetectorConfig | None = None
     unknown = set(config.params) - set(detect_retrieval.known_params)
     if unknown:
         raise InputError(f"unknown retrieval parameters {sorted(unknown)}; known: {sorted(detect_retrieval.known_params)}.")
-    seq_len = config.seq_len or DEFAULT_SEQ_LEN
+    seq_len = config.seq_len if config.seq_len is not None else DEFAULT_SEQ_LEN
+    n_trials = config.n_prompts if config.n_prompts is not None else DEFAULT_TRIALS
+    if seq_len < 1 or n_trials < 1:  # None means the default; 0 or less leaves nothing to measure
+        raise InputError(f"retrieval needs seq_len >= 1 and n_prompts >= 1, got seq_len {seq_len}, "
+                         f"n_prompts {n_trials}.")
     lengths = p["lengths"] or sorted({max(64, seq_len // 4), max(64, seq_len // 2), seq_len})
     if model.meta.max_positions and max(lengths) + 128 > model.meta.max_positions:
         lengths = [min(x, model.meta.max_positions - 128) for x in lengths]
     haystack = p.get("haystack")
     if haystack is None and config.prompts_file:
         haystack = " ".join(load_prompts(config.prompts_file))
-    prompts = needle_prompts(model, lengths, tuple(p["depths"]), config.n_prompts or DEFAULT_TRIALS, config.seed,
+    prompts = needle_prompts(model, lengths, tuple(p["depths"]), n_trials, config.seed,
                              haystack=haystack)
     trials = [run_trial(model, pr, p["max_new_tokens"])
               for pr in tqdm(prompts, desc="needle trials", disable=not config.progress)]

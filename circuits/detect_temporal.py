@@ -137,6 +137,9 @@ def detect_temporal(model: HeadscopeModel, config: DetectorConfig | None = None)
     if unknown:
         raise InputError(f"unknown temporal parameters {sorted(unknown)}; known: {sorted(DEFAULTS)}.")
     p = {**DEFAULTS, **config.params}
+    n = config.n_prompts if config.n_prompts is not None else DEFAULT_FACTS
+    if n < 1:  # None means the default; 0 or less patches no fact
+        raise InputError(f"n_prompts must be >= 1, got {n}.")
     facts = load_facts(config.prompts_file)
     temporal = [f for f in facts if f.kind == "temporal"]
     invariant = [f for f in facts if f.kind == "invariant"]
@@ -149,7 +152,6 @@ def detect_temporal(model: HeadscopeModel, config: DetectorConfig | None = None)
     if not known:
         warnings.warn("the model answers none of the temporal facts; validation asks about all of them "
                       "(summary: validation_facts = 'all, none known').", stacklevel=2)
-    n = config.n_prompts or DEFAULT_FACTS
     score, info = temporal_patching(model, temporal, n, p["heads_per_batch"], config.progress)
     patched = [f for f in temporal if any(k["prompt"] == f.prompt for k in info["facts"])] or temporal[:n]
     year_mass = year_attention(model, patched)

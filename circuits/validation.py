@@ -68,6 +68,8 @@ def validate_heads(model, kind: str, top_heads, damage_fn: Callable[[object], fl
     if n_random < 1:
         raise InputError(f"validation compares the top heads with random head sets: n_random must be >= 1, "
                          f"got {n_random} (use validate=False to skip validation).")
+    if k < 1:
+        raise InputError(f"validation ablates k heads: k must be >= 1, got {k} (use validate=False to skip it).")
     top = [(int(l), int(h)) for l, h in list(top_heads)[:k]]
     if len(top) < k:
         raise InputError(f"validation needs {k} top heads, got {len(top)}.")

@@ -184,3 +184,29 @@ def test_patch_heads_left_padded_matches_unpadded(model):
         eff = patch_heads(model, clean["input_ids"][b, keep], corrupt["input_ids"][b, keep], metric, heads=heads)
         ref += torch.stack([eff[l, h] for l, h in heads]) / 2
     assert (torch.stack([got[l, h] for l, h in heads]) - ref).abs().max() < 1e-3
+
+
+# ---- sizes that leave nothing to measure --------------------------------------------------------
+@pytest.mark.parametrize("kind,field,value", [("retrieval", "n_prompts", 0), ("retrieval", "n_prompts", -1),
+                                              ("retrieval", "seq_len", 0), ("temporal", "n_prompts", 0),
+                                              ("temporal", "n_prompts", -2)])
+def test_retrieval_and_temporal_refuse_empty_sizes(model, monkeypatch, kind, field, value):
+    """None means the published default; 0 ran the default (6 trials, 24 facts, 512 tokens) and a
+    negative count ran no trial and reported that 'the model retrieved no needle in 0 trials'.
+    Like the other detectors they refuse it, before any forward."""
+    from headscope.probe.errors import InputError
+
+    calls = []
+    monkeypatch.setattr(model.hf, "forward", lambda *a, **k: calls.append(1))
+    with pytest.raises(InputError, match=field):
+        run_detector(model, kind, DetectorConfig(progress=False, **{field: value}))
+    assert calls == []
+
+
+def test_validation_refuses_an_empty_head_set():
+    """k = 0 compared two empty ablations and reported 'the top-0 heads are no more harmful than random'."""
+    from headscope.circuits.validation import validate_heads
+    from headscope.probe.errors import InputError
+
+    with pytest.raises(InputError, match="k must be >= 1"):
+        validate_heads(None, "sink", [(0, 0)], lambda m: 0.0, k=0, n_random=2)
