@@ -82,13 +82,16 @@ def render_headmap() -> None:
     st.subheader("Top heads")
     if report is not None and kind in report.kinds:
         # the report's own ranks (its order among tied scores), so both views list the same heads
-        top = report.scores[report.scores["kind"] == kind].sort_values("rank").head(10)
+        # heads without a score (NaN: e.g. retrieval when no needle was retrieved) are nobody's top heads
+        top = report.scores[(report.scores["kind"] == kind) & report.scores["score"].notna()].sort_values("rank").head(10)
         rows = [{"rank": int(r["rank"]), "layer": int(r["layer"]), "head": int(r["head"]), "score": float(r["score"])}
                 for _, r in top.iterrows()]
     else:
         order = np.argsort(-np.nan_to_num(grid.ravel(), nan=-np.inf), kind="stable")[:10]
         rows = [{"rank": i + 1, "layer": int(o // H), "head": int(o % H), "score": float(grid.ravel()[o])}
                 for i, o in enumerate(order)]
+    if not rows:
+        st.info(f"no head has a {kind} score in this report, so there are no top heads.")
     st.dataframe(rows, hide_index=True)
     if report is not None and kind in report.validation:
         v = report.validation[kind]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from headscope.apps.rank_output import top_heads_text
@@ -68,3 +69,30 @@ def test_library_warnings_are_printed_once(tmp_path):
     assert err.count("HUB-RETRY-MSG") == 1, err
     assert err.count("HEADSCOPE-MSG") == 1, err
     assert "HEADSCOPE-INFO" not in err
+
+
+def test_explorer_top_heads_from_a_report_skip_unscored_heads(tmp_path, model):
+    """The explorer's 'Top heads' list read from a report lists scored heads in rank order, never
+    unscored (NaN) ones as the best heads of a kind; the page says when no head was scored."""
+    from pathlib import Path
+
+    from streamlit.testing.v1 import AppTest
+
+    from headscope.apps.rank_output import write_heads
+
+    grid = np.arange(30 * 9, dtype=float).reshape(30, 9) / 270
+    results = {"retrieval": _unscored_retrieval(), "sink": DetectorResult("sink", head_scores("sink", grid), {}, None)}
+    write_heads(tmp_path, model.meta, results)
+    app = str(Path(__file__).resolve().parents[1] / "apps" / "explorer_app.py")
+    for source in (tmp_path, tmp_path / "heads.csv"):
+        at = AppTest.from_file(app, default_timeout=180)
+        at.session_state["page"], at.session_state["report_dir"] = "Head map", str(source)
+        at.run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert at.radio(key="kind").value == "retrieval"
+        top = at.dataframe[0].value
+        assert len(top) == 0 or not pd.isna(top["score"]).any(), top
+        assert any("no head" in c.value.lower() for c in at.info), [c.value for c in at.info]
+        at.radio(key="kind").set_value("sink").run()
+        top = at.dataframe[0].value
+        assert [(int(l), int(h)) for l, h in zip(top["layer"][:3], top["head"][:3])] == [(29, 8), (29, 7), (29, 6)]
