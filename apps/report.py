@@ -56,17 +56,28 @@ def heatmap(result: DetectorResult, meta: ModelMeta) -> go.Figure:
 
 
 def validation_bars(result: DetectorResult) -> go.Figure:
+    """Damage of the top-k set (red) and of each random k-head set (grey); with a control behaviour
+    (temporal: invariant facts) the same head sets' damage to the control is drawn beside them, since
+    the verdict depends on it."""
     v = result.validation
     names = [f"top-{v.k}"] + [f"random {i + 1}" for i in range(len(v.random_k_damage))]
     values = [v.top_k_damage] + list(v.random_k_damage)
     colors = ["#d62728"] + ["#7f7f7f"] * len(v.random_k_damage)
-    fig = go.Figure(go.Bar(x=names, y=values, marker_color=colors,
-                           hovertemplate="%{x}: %{y:.4g}<extra></extra>"))
+    fig = go.Figure(go.Bar(x=names, y=values, marker_color=colors, name=f"{result.kind}: {v.metric}",
+                           hovertemplate="%{x}: %{y:.4g}<extra>" + html.escape(result.kind) + "</extra>"))
+    if v.control:
+        c = v.control
+        control = [c["top_k_damage"]] + list(c["random_k_damage"])
+        fig.add_trace(go.Bar(x=names[:len(control)], y=control, name=f"control: {c['metric']}",
+                             marker=dict(color=["#ff9896"] + ["#c7c7c7"] * (len(control) - 1), pattern_shape="/"),
+                             hovertemplate="%{x}: %{y:.4g}<extra>control</extra>"))
+        fig.update_layout(barmode="group", showlegend=True, legend=dict(orientation="h", y=-0.25, font=dict(size=10)))
     if v.random_k_damage:
         fig.add_hline(y=v.random_median, line_dash="dash", annotation_text="random median")
     # The metric's full wording is long: it goes in the caption under the figure, not on the axis.
     fig.update_layout(title=f"{result.kind}: damage when {v.k} heads are ablated", yaxis_title="damage",
-                      height=300, width=520, margin=dict(l=60, r=20, t=60, b=40))
+                      height=380 if v.control else 300, width=640 if v.control else 520,
+                      margin=dict(l=60, r=20, t=60, b=40))
     return fig
 
 
@@ -159,7 +170,11 @@ def render_report(meta: ModelMeta, results: dict[str, DetectorResult], *, top_k:
         parts.append(f"<div><h3>Top {k} heads</h3>{top_table(r, k)}</div></div>")
         if r.validation is not None:
             v = r.validation
-            caption = f"Damage = {v.metric}; baseline {_fmt(float(v.baseline))}." + (f" {v.notes}" if v.notes else "")
+            caption = f"Damage = {v.metric}; baseline {_fmt(float(v.baseline))}."
+            if v.control:
+                caption += (f" Control (hatched bars, same head sets): {v.control['metric']}; baseline "
+                            f"{_fmt(float(v.control['baseline']))}.")
+            caption += f" {v.notes}" if v.notes else ""
             parts.append(fig(validation_bars(r)) + f"<p><small>{html.escape(caption)}</small></p>")
         parts.append(findings(r.summary))
         if thumbs and thumbs.get(kind):

@@ -96,3 +96,28 @@ def test_explorer_top_heads_from_a_report_skip_unscored_heads(tmp_path, model):
         at.radio(key="kind").set_value("sink").run()
         top = at.dataframe[0].value
         assert [(int(l), int(h)) for l, h in zip(top["layer"][:3], top["head"][:3])] == [(29, 8), (29, 7), (29, 6)]
+
+
+def _temporal_not_specific() -> Validation:
+    """Like the embedded model's temporal check: the top heads beat random sets on temporal facts but
+    damage the invariant control facts more (so not validated)."""
+    return Validation("temporal", 8, "drop of mean true-answer candidate probability, temporal facts", 0.1374,
+                      [0.01, 0.02, 0.015], 0.60, "",
+                      {"metric": "drop of mean true-answer candidate probability, invariant facts", "baseline": 0.70,
+                       "top_k_damage": 0.1462, "random_k_damage": [0.005, 0.01, 0.02]})
+
+
+def test_validation_figure_shows_the_control_beside_the_behaviour():
+    """The temporal bars showed only the temporal-fact damage (top-8 far above random: looks validated)
+    while the verdict says 'not validated' because of the control; the control's bars must be drawn
+    too, with the same head sets."""
+    from headscope.apps.report import validation_bars
+
+    v = _temporal_not_specific()
+    assert not v.passed
+    fig = validation_bars(DetectorResult("temporal", head_scores("temporal", np.zeros((30, 9))), {}, v))
+    ys = [list(np.asarray(t.y, float)) for t in fig.data]
+    assert [0.1374, 0.01, 0.02, 0.015] in [[round(y, 6) for y in t] for t in ys]
+    assert [0.1462, 0.005, 0.01, 0.02] in [[round(y, 6) for y in t] for t in ys]
+    names = " ".join(str(t.name) for t in fig.data)
+    assert "invariant facts" in names and "temporal facts" in names
