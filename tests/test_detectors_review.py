@@ -210,3 +210,185 @@ def test_validation_refuses_an_empty_head_set():
 
     with pytest.raises(InputError, match="k must be >= 1"):
         validate_heads(None, "sink", [(0, 0)], lambda m: 0.0, k=0, n_random=2)
+
+
+# ---- interventions against plain torch hooks on o_proj / a plain softmax -----------------------
+def _o_proj_hooked(model, ids, mask, replace, eager=True):
+    """Logits with o_proj's input of each layer in `replace` rewritten by replace[layer](x [B, S, H, D], vs)
+    (vs: that layer's v_proj output), under transformers' eager attention."""
+    H, D = model.meta.n_heads, model.meta.head_dim
+    hooks, vs = [], {}
+    for l, fn in replace.items():
+        att = model.attention_modules[l]
+        hooks.append(att.v_proj.register_forward_hook(lambda mod, i, o, l=l: vs.__setitem__(l, o)))
+
+        def pre(mod, args, l=l, fn=fn):
+            x = args[0].clone()
+            return (fn(x.view(*x.shape[:2], H, D), vs[l]).reshape(x.shape),)
+        hooks.append(att.o_proj.register_forward_pre_hook(pre))
+    impl = model.hf.config._attn_implementation
+    if eager:
+        model.hf.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            return model.hf(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    finally:
+        model.hf.set_attn_implementation(impl)
+        for h in hooks:
+            h.remove()
+
+
+ABLATED = [(3, 1), (3, 5), (10, 8), (20, 0)]  # heads 1 and 5 of layer 3 read different kv heads (GQA 9/3)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+@pytest.mark.parametrize("mode", ["zero", "uniform"])
+def test_ablate_heads_matches_o_proj_reference(model, mode, side):
+    """zero: the head writes nothing; uniform: z_i = mean of v_j over the real keys j <= i (its kv head)."""
+    from headscope.circuits.ablation import ablate_heads
+
+    batch = model.tokenize(["The cat sat on the warm mat by the door and slept.", "Rain fell."], prepend_bos=True,
+                           padding_side=side)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    H, Hkv, D = model.meta.n_heads, model.meta.n_kv_heads, model.meta.head_dim
+    S = ids.shape[1]
+    allowed = torch.ones(S, S).tril().bool()[None] & mask.bool()[:, None, :]
+    w = allowed.float() / allowed.float().sum(-1, keepdim=True).clamp_min(1)  # [B, S, S] uniform rows
+
+    def fn_for(layer):
+        def fn(x, v):
+            for l, h in ABLATED:
+                if l == layer:
+                    x[:, :, h] = 0 if mode == "zero" else w @ v.view(*v.shape[:2], Hkv, D)[:, :, h // (H // Hkv)]
+            return x
+        return fn
+
+    ref = _o_proj_hooked(model, ids, mask, {l: fn_for(l) for l in {l for l, _ in ABLATED}})
+    with ablate_heads(model, ABLATED, mode), torch.no_grad():
+        got = model.hf(input_ids=ids, attention_mask=mask).logits
+    with torch.no_grad():
+        plain = model.hf(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert (got - ref)[real].abs().max() < 1e-3
+    assert (got - plain)[real].abs().max() > 1.0  # the ablation changes the logits
+
+
+def test_mean_and_resample_ablation_match_o_proj_reference(model):
+    from headscope.circuits.interventions import mean_ablate, mean_z, resample_ablate
+
+    H, D = model.meta.n_heads, model.meta.head_dim
+    heads = [(4, 2), (4, 7), (9, 0)]
+    ref_batch = model.tokenize(["The cat sat on the warm mat by the door.", "Rain fell over the quiet town."],
+                               prepend_bos=True)
+    src = model.tokenize(["Numbers like seven and eight follow six in order here, and nine after them."],
+                         prepend_bos=True)
+    tgt = model.tokenize(["A completely different sentence about ships and the sea."], prepend_bos=True)
+    S = tgt["input_ids"].shape[1]
+    saved = {}
+
+    def grab(batch):
+        saved.clear()
+        hs = [model.attention_modules[l].o_proj.register_forward_pre_hook(
+            lambda mod, a, l=l: saved.__setitem__(l, a[0].detach().clone().view(*a[0].shape[:2], H, D)))
+            for l in (4, 9)]
+        with torch.no_grad():
+            model.hf(**batch, use_cache=False)
+        for h in hs:
+            h.remove()
+        return dict(saved)
+
+    real = ref_batch["attention_mask"].bool()
+    z_ref = {l: z[real].double().mean(0).float() for l, z in grab(ref_batch).items()}  # [H, D] over real tokens
+    z_src = grab(src)
+
+    def put(values):
+        def fn_for(layer):
+            def fn(x, v):
+                for l, h in heads:
+                    if l == layer:
+                        x[:, :, h] = values(layer, h)
+                return x
+            return fn
+        return _o_proj_hooked(model, tgt["input_ids"], tgt["attention_mask"], {l: fn_for(l) for l in (4, 9)},
+                              eager=False)
+
+    with mean_ablate(model, heads, mean_z(model, [ref_batch], heads)), torch.no_grad():
+        got = model.hf(**tgt).logits
+    assert (got - put(lambda l, h: z_ref[l][h])).abs().max() < 1e-3
+    with resample_ablate(model, heads, src), torch.no_grad():
+        got = model.hf(**tgt).logits
+    assert (got - put(lambda l, h: z_src[l][:, :S, h])).abs().max() < 1e-3
+
+
+def test_sink_removal_matches_plain_softmax_reference(model):
+    """without_sink (the sink check's intervention): in the chosen heads p'_i0 = beta p_i0 and the other
+    keys get p_ij (1 - beta p_i0) / (1 - p_i0) (ACT arithmetic, beta -> 0), rows that hold nothing
+    elsewhere (row 0) unchanged; computed here on a float64 softmax of q k^T."""
+    from transformers import AttentionInterface
+
+    from headscope.circuits.detect_sink import without_sink
+
+    heads = [(2, 3), (2, 5), (15, 0), (27, 8)]
+    tok, _ = P.text_windows(model.tokenizer, seq_len=32, n=2, seed=1)
+
+    def ref_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+        B, H, S, D = query.shape
+        rep = H // key.shape[1]
+        k, v = key.repeat_interleave(rep, 1).double(), value.repeat_interleave(rep, 1).double()
+        s = query.double() @ k.transpose(-1, -2) * (scaling if scaling is not None else D ** -0.5)
+        s = s.masked_fill(~torch.ones(S, S, dtype=torch.bool).tril(), float("-inf"))
+        p = torch.softmax(s, -1)
+        for l, h in heads:
+            if l == module.layer_idx:
+                s0 = p[:, h, :, :1]
+                new = torch.cat([p[:, h, :, :1] * 1e-6, p[:, h, :, 1:] * (1 - 1e-6 * s0) / (1 - s0).clamp_min(1e-30)], -1)
+                p[:, h] = torch.where(1 - s0 > 1e-6, new, p[:, h])
+        return (p @ v).to(query.dtype).transpose(1, 2).contiguous(), p
+
+    AttentionInterface.register("review_sink_reference", ref_attention)
+    impl = model.hf.config._attn_implementation
+    model.hf.set_attn_implementation("review_sink_reference")
+    try:
+        with torch.no_grad():
+            ref = model.hf(input_ids=tok, use_cache=False).logits
+    finally:
+        model.hf.set_attn_implementation(impl)
+    with without_sink(model, heads, 2, 32), torch.no_grad():
+        got = model.hf(input_ids=tok, use_cache=False).logits
+    with torch.no_grad():
+        plain = model.hf(input_ids=tok, use_cache=False).logits
+    assert (got - ref).abs().max() < 1e-3
+    assert (got - plain).abs().max() > 1.0
+
+
+def test_importance_is_the_mean_of_per_example_absolute_gradients(model):
+    """Michel et al.: I_h = E_x |dL(x)/dxi_h|, the absolute value per example before the mean (with one
+    example, |E dL/dxi| would pass too). Reference: a gate on o_proj's input, autograd per unpadded text."""
+    from headscope.circuits.importance import head_importance
+
+    texts = ["The cat sat on the warm mat by the door and slept all day.", "Rain fell.",
+             "Numbers like seven and eight follow six."]
+    L, H, D = model.meta.n_layers, model.meta.n_heads, model.meta.head_dim
+    total = torch.zeros(L, H, dtype=torch.float64)
+    signed = torch.zeros(L, H, dtype=torch.float64)
+    for t in texts:
+        ids = model.tokenize(t, prepend_bos=True)["input_ids"]
+        gate = torch.ones(L, H, requires_grad=True)
+        hooks = [model.attention_modules[l].o_proj.register_forward_pre_hook(
+            lambda mod, a, l=l: ((a[0].view(*a[0].shape[:2], H, D) * gate[l][:, None]).view(a[0].shape),))
+            for l in range(L)]
+        try:
+            with torch.enable_grad():
+                logits = model.hf(input_ids=ids, use_cache=False).logits
+                loss = torch.nn.functional.cross_entropy(logits[0, :-1].float(), ids[0, 1:])
+                g, = torch.autograd.grad(loss, gate)
+        finally:
+            for h in hooks:
+                h.remove()
+        total += g.abs().double()
+        signed += g.double()
+    ref = (total / len(texts)).float()
+    assert (ref - (signed / len(texts)).abs().float()).abs().max() > 1e-3  # the two readings differ here
+    imp = head_importance(model, texts, normalize=False)
+    assert ((imp - ref).abs().max() / ref.abs().max()) < 1e-3
+    torch.testing.assert_close(head_importance(model, texts), ref / ref.norm(dim=1, keepdim=True), atol=1e-4, rtol=1e-3)
