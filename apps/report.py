@@ -97,6 +97,30 @@ def thumbnails(kind: str, thumbs: list[Thumbnail]) -> go.Figure:
     return fig
 
 
+# What "score" is for kinds whose detector summary carries no "definition" (the positional detectors'
+# summaries do, with their period); wording from the detectors' module docstrings.
+SCORE_DEFINITIONS = {
+    "sink": "alpha, the mean attention that key 0 (the first token) receives over all queries that see it, "
+            "own row included (Gu et al. 2024); Sink_1^eps counts the heads with alpha > eps",
+    "previous_token": "mean attention on the previous token (offset_mass[1]) on natural text",
+    "induction": "mean attention on the token after the current token's earlier copy (offset_mass[T - 1]) over "
+                 "the second copy of [BOS] r r",
+    "duplicate_token": "mean attention on the current token's earlier copy (offset_mass[T]) over the second copy "
+                       "of [BOS] r r",
+    "retrieval": "mean over the trials where the model retrieved the needle of the share of the needle's answer "
+                 "span the head copies (decode steps whose top-1 key lies in the answer span and holds the "
+                 "emitted token, / |answer span|; Wu et al. 2024); retrieval head: score > threshold",
+    "temporal": "share of the logit difference between a fact's answer at its year and at another year that "
+                "patching this head alone restores (activation patching, ratio of means over the facts; a proxy "
+                "for Park et al. 2025)",
+}
+
+
+def score_definition(kind: str, summary: dict) -> str | None:
+    d = summary.get("definition") if isinstance(summary, dict) else None
+    return str(d) if d else SCORE_DEFINITIONS.get(kind)
+
+
 def _table(rows: list[list], header: list[str]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
@@ -165,6 +189,9 @@ def render_report(meta: ModelMeta, results: dict[str, DetectorResult], *, top_k:
             parts.append(f"<p class='{cls}'>Causal check: {html.escape(r.validation.verdict())}</p>")
         else:
             parts.append("<p class='verdict fail'>No causal check was run for this kind.</p>")
+        definition = score_definition(kind, r.summary)
+        if definition:
+            parts.append(f"<p><small>score = {html.escape(definition)}.</small></p>")
         parts.append("<div class='row'>" + fig(heatmap(r, meta)))
         k = r.validation.k if r.validation is not None else top_k  # the heads the verdict speaks of
         parts.append(f"<div><h3>Top {k} heads</h3>{top_table(r, k)}</div></div>")

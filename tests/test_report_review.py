@@ -121,3 +121,18 @@ def test_validation_figure_shows_the_control_beside_the_behaviour():
     assert [0.1462, 0.005, 0.01, 0.02] in [[round(y, 6) for y in t] for t in ys]
     names = " ".join(str(t.name) for t in fig.data)
     assert "invariant facts" in names and "temporal facts" in names
+
+
+@pytest.mark.parametrize("kind, words", [("sink", "key 0"), ("retrieval", "answer span"),
+                                         ("temporal", "logit difference"),
+                                         ("induction", "mean offset_mass[49] over the second copy")])
+def test_every_kind_says_what_its_score_is(model, kind, words):
+    """Every section says what 'score' (heatmap colour, table column) measures for that kind: only the
+    positional detectors' summaries carried a definition, in the findings list at the bottom."""
+    summary = {"definition": "mean offset_mass[49] over the second copy of [BOS] r r"} if kind == "induction" else {}
+    r = DetectorResult(kind, head_scores(kind, np.random.default_rng(0).random((30, 9))), summary, None)
+    html = render_report(model.meta, {kind: r}, top_k=8)
+    section = html[html.index(f"<section id='{kind}'>"):]
+    head = section[:section.index("score of every head")]  # stated before the heatmap
+    m = re.search(r"score = ([^<]*)", head)
+    assert m and words in m.group(1), head[-600:]
