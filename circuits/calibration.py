@@ -46,26 +46,36 @@ def check_beta(beta) -> float:
 
 
 def sink_keys(colsum: torch.Tensor, attention_mask: torch.Tensor | None = None, *, threshold: float = THRESHOLD,
-              skip_first: bool = True, causal: bool = True) -> torch.Tensor:
+              skip_first: bool = True, causal: bool = True, window: int | None = None) -> torch.Tensor:
     """ACT sinks from column sums.
 
     Args:
         colsum: [B, H, S] attention each key receives, summed over queries.
         attention_mask: [B, S] (1 = real token), for padded batches.
+        window: the layer's sliding window (query i sees key j when i - j < window), None for full.
     Returns:
-        [B, H, S] bool: keys whose mean received attention exceeds `threshold`, without the first one.
+        [B, H, S] bool: keys whose mean received attention, over the real queries that can see
+        them, exceeds `threshold`, without the first one.
     """
     B, H, S = colsum.shape
     valid = torch.ones(B, S, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
-    v = valid.float()
-    # queries that see key j: the real tokens at positions >= j (causal) or all of them
-    seen = v.flip(1).cumsum(1).flip(1) if causal else v.sum(1, keepdim=True).expand(B, S)
+    # queries that see key j: the real tokens at i >= j (causal) or at any i, within the window
+    c = torch.nn.functional.pad(valid.double().cumsum(1), (1, 0))  # c[:, n] = real tokens before n
+    j = torch.arange(S)
+    w = S if window is None else int(window)
+    hi = torch.clamp(j + w, max=S)
+    lo = j if causal else torch.clamp(j - w + 1, min=0)
+    seen = c[:, hi] - c[:, lo]
     ratio = colsum.float().cpu() / seen[:, None, :].clamp_min(1)
     sinks = (ratio > threshold) & valid[:, None, :]
     if skip_first:
         first = torch.where(sinks.any(-1), sinks.float().argmax(-1), torch.full((B, H), -1))
         sinks &= torch.arange(S)[None, None, :] != first[..., None]
     return sinks
+
+
+def _window(model: HeadscopeModel, layer: int) -> int | None:
+    return model.meta.sliding_windows[layer] if model.meta.sliding_windows else None
 
 
 def _colsum(model: HeadscopeModel, batch: dict, layer: int) -> torch.Tensor:
@@ -96,7 +106,8 @@ def calibrate(model: HeadscopeModel, heads, batch: dict, *, beta: float = BETA, 
                 cs = _colsum(model, batch, layer)
         else:
             cs = rec.stats["colsum"][:, layer]
-        keys = sink_keys(cs, mask, threshold=threshold, causal=model.meta.causal) & masks[layer][None, :, None]
+        keys = sink_keys(cs, mask, threshold=threshold, causal=model.meta.causal,
+                         window=_window(model, layer)) & masks[layer][None, :, None]
         used[layer] = keys
         betas = torch.where(masks[layer], torch.tensor(beta), torch.tensor(1.0))
         edits[layer] = LayerEdit(key_scale_beta=betas, keys=keys.to(model.device))
@@ -168,7 +179,8 @@ def candidate_heads(model: HeadscopeModel, items: list[dict], *, threshold: floa
     cs = rec.stats["colsum"]  # [B, L, H, S]
     score = {}
     for layer in range(model.meta.n_layers):
-        sinks = sink_keys(cs[:, layer], batch["attention_mask"], threshold=threshold, causal=model.meta.causal)
+        sinks = sink_keys(cs[:, layer], batch["attention_mask"], threshold=threshold, causal=model.meta.causal,
+                          window=_window(model, layer))
         mass = (cs[:, layer].cpu() * sinks).sum((0, 2))
         for h in range(model.meta.n_heads):
             if mass[h] > 0:

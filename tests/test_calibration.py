@@ -67,6 +67,28 @@ def test_sink_keys_brute_force():
             assert set(torch.nonzero(got[b, h])[:, 0].tolist()) == want
 
 
+@pytest.mark.parametrize("causal,window", [(True, 4), (False, None), (False, 3)])
+def test_sink_keys_count_the_queries_that_see_each_key(causal, window):
+    """The mean is over the real queries that can see key j: a sliding window caps them (a window
+    layer's late keys were judged against S - j queries), an encoder's every query sees every key."""
+    torch.manual_seed(2)
+    B, H, S = 2, 2, 12
+    mask = torch.ones(B, S, dtype=torch.long)
+    mask[0, :3] = 0  # left padding
+    colsum = torch.rand(B, H, S) * 2
+    got = sink_keys(colsum, mask, threshold=0.3, causal=causal, window=window)
+    i, j = torch.arange(S)[:, None], torch.arange(S)[None, :]
+    vis = (j <= i) if causal else torch.ones(S, S, dtype=torch.bool)
+    if window is not None:
+        vis &= (i - j).abs() < window
+    for b in range(B):
+        real = mask[b].bool()
+        seen = (vis & real[:, None]).sum(0)
+        for h in range(H):
+            found = [k for k in range(S) if real[k] and colsum[b, h, k] / max(int(seen[k]), 1) > 0.3]
+            assert set(torch.nonzero(got[b, h])[:, 0].tolist()) == set(found[1:]), (b, h)
+
+
 @pytest.fixture(scope="module")
 def batch(model):
     return model.tokenize(["Review: The soup was cold. The staff, however, were kind.\nSentiment:"], prepend_bos=True)
