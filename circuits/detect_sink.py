@@ -149,8 +149,12 @@ def without_sink(model, heads, batch: int, seq_len: int):
 
 
 def validate_sink(model, config: DetectorConfig, df, T: int, bos: bool):
-    bs = config.batch_size
-    n = bs * max(1, int(config.params.get("validation_prompts", 16)) // bs)
+    n = int(config.params.get("validation_prompts", 16))
+    if n < 1:
+        raise InputError(f"validation_prompts must be >= 1, got {n}.")
+    # every batch the same size (the sink key set is built for one batch size): the largest divisor
+    # of n up to config.batch_size
+    bs = max(d for d in range(1, min(n, config.batch_size) + 1) if n % d == 0)
     tokens, _ = text_windows(model.tokenizer, _texts(config), T, n, config.seed + 10_000, bos)
     targets = torch.zeros_like(tokens, dtype=torch.bool)
     targets[:, 1:] = True

@@ -392,3 +392,17 @@ def test_importance_is_the_mean_of_per_example_absolute_gradients(model):
     imp = head_importance(model, texts, normalize=False)
     assert ((imp - ref).abs().max() / ref.abs().max()) < 1e-3
     torch.testing.assert_close(head_importance(model, texts), ref / ref.norm(dim=1, keepdim=True), atol=1e-4, rtol=1e-3)
+
+
+def test_sink_check_uses_the_asked_number_of_prompts(model, monkeypatch):
+    """validation_prompts was rounded to a multiple of batch_size (6 with batch 4 became 4): every
+    asked prompt must be used, in batches of one size (the sink key set's)."""
+    import headscope.circuits.detect_sink as ds
+
+    asked = []
+    real = ds.text_windows
+    monkeypatch.setattr(ds, "text_windows", lambda tok, texts, T, n, *a, **k: asked.append(n) or real(tok, texts, T, n, *a, **k))
+    res = run_detector(model, "sink", DetectorConfig(seq_len=16, n_prompts=2, batch_size=4, top_k=2, n_random=1,
+                                                     progress=False,
+                                                     params={"validation_prompts": 6, "compare_no_bos": False}))
+    assert asked[-1] == 6 and res.validation is not None
