@@ -134,6 +134,10 @@ def _fmt(x) -> str:
         return f"[{', '.join(_fmt(v) for v in x[:12])}, ... ({len(x)} values)]"
     if isinstance(x, list):
         return "[" + ", ".join(_fmt(v) for v in x) + "]"
+    if isinstance(x, dict) and len(x) > 12:  # e.g. retrieval's per_trial: one entry per head
+        return f"{{{len(x)} entries; in heads.json's summary}}"
+    if isinstance(x, dict):
+        return "{" + ", ".join(f"{k}: {_fmt(v)}" for k, v in x.items()) + "}"
     return str(x)
 
 

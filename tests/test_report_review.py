@@ -136,3 +136,18 @@ def test_every_kind_says_what_its_score_is(model, kind, words):
     head = section[:section.index("score of every head")]  # stated before the heatmap
     m = re.search(r"score = ([^<]*)", head)
     assert m and words in m.group(1), head[-600:]
+
+
+def test_findings_summarise_large_nested_values(model):
+    """The retrieval findings printed its per_trial dict raw (270 'layer-head' keys, ~18k characters of
+    unrounded floats) and nested floats unrounded; large values are summarised and point to heads.json."""
+    per_trial = {f"{l}-{h}": [0.0833333358168602, 0.0] for l in range(30) for h in range(9)}
+    summary = {"n_retrieved": 6, "per_trial": per_trial,
+               "top_heads": [{"layer": 17, "head": 3, "score": 0.6642512182394663}]}
+    r = DetectorResult("retrieval", head_scores("retrieval", np.random.default_rng(0).random((30, 9))), summary, None)
+    html = render_report(model.meta, {"retrieval": r}, top_k=8)
+    findings = html[html.index("Model-level findings"):]
+    findings = findings[:findings.index("</ul>")]
+    assert len(findings) < 1500, len(findings)
+    assert "270 entries" in findings and "heads.json" in findings
+    assert "0.6643" in findings and "0.6642512182394663" not in findings
