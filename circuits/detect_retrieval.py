@@ -232,8 +232,10 @@ def detect_retrieval(model: HeadscopeModel, config: DetectorConfig | None = None
         raise InputError(f"retrieval needs seq_len >= 1 and n_prompts >= 1, got seq_len {seq_len}, "
                          f"n_prompts {n_trials}.")
     lengths = p["lengths"] or sorted({max(64, seq_len // 4), max(64, seq_len // 2), seq_len})
+    asked_lengths, clamped = list(lengths), False
     if model.meta.max_positions and max(lengths) + 128 > model.meta.max_positions:
-        lengths = [min(x, model.meta.max_positions - 128) for x in lengths]
+        # 128 tokens stay free for the question and the answer
+        lengths, clamped = sorted({min(x, model.meta.max_positions - 128) for x in lengths}), True
     haystack = p.get("haystack")
     if haystack is None and config.prompts_file:
         haystack = " ".join(load_prompts(config.prompts_file))
@@ -250,6 +252,7 @@ def detect_retrieval(model: HeadscopeModel, config: DetectorConfig | None = None
         df = head_scores("retrieval", np.full((L, H), np.nan))
         summary = retrieval_summary(np.full((L, H), np.nan), p["threshold"])
     summary.update({
+        "context_lengths": list(lengths),
         "n_trials": len(trials), "n_retrieved": len(kept),
         "retrieval_rate": len(kept) / len(trials) if trials else float("nan"),
         "mean_recall": float(np.mean([t.recall for t in trials])) if trials else float("nan"),
@@ -258,6 +261,10 @@ def detect_retrieval(model: HeadscopeModel, config: DetectorConfig | None = None
                     "response": t.response, "recall": t.recall} for t in trials],
         "per_trial": per_trial,
     })
+    if clamped:
+        summary["note_lengths"] = (f"context lengths {asked_lengths} do not fit {model.meta.name}'s "
+                                   f"{model.meta.max_positions} positions with 128 tokens for the question and "
+                                   f"answer: ran {list(lengths)}.")
     if not kept:
         summary["note"] = (f"the model retrieved no needle (ROUGE-1 recall > {p['rouge_threshold']}) in "
                            f"{len(trials)} trials: no head can be scored.")

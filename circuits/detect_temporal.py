@@ -99,7 +99,8 @@ def temporal_patching(model: HeadscopeModel, facts: list[TemporalFact], n: int |
 
 
 def validate_temporal(model: HeadscopeModel, scores, temporal: list[TemporalFact], invariant: list[TemporalFact],
-                      k: int = 8, n_random: int = 5, seed: int = 0, mode: str = "zero") -> tuple[Validation, dict]:
+                      k: int = 8, n_random: int = 5, seed: int = 0, mode: str = "zero",
+                      progress: bool = False) -> tuple[Validation, dict]:
     """Drop of the mean true-answer candidate probability on temporal facts when the top-k heads are
     ablated vs k random heads -> (Validation, the same numbers on the invariant controls, same head sets)."""
     if not temporal or not invariant:
@@ -110,7 +111,8 @@ def validate_temporal(model: HeadscopeModel, scores, temporal: list[TemporalFact
         return validate_heads(model, "temporal", top, lambda m: float(candidate_probability(m, facts).mean()), k,
                               n_random, seed, metric=f"drop of mean true-answer candidate probability, {what} "
                                                      f"({mode} ablation)",
-                              ablate=lambda m, heads: ablate_heads(m, heads, mode=mode), higher_is_worse=False)
+                              ablate=lambda m, heads: ablate_heads(m, heads, mode=mode), higher_is_worse=False,
+                              progress=progress)
 
     v, inv = run(temporal, "temporal facts"), run(invariant, "invariant facts")
     v.notes = (f"temporal {v.baseline:.3f} -> {v.baseline - v.top_k_damage:.3f}, invariant {inv.baseline:.3f} -> "
@@ -119,8 +121,9 @@ def validate_temporal(model: HeadscopeModel, scores, temporal: list[TemporalFact
                f"({len(temporal)} temporal facts the model knows, {len(invariant)} invariant facts).")
     v.control = {"metric": inv.metric, "baseline": inv.baseline, "top_k_damage": inv.top_k_damage,
                  "random_k_damage": list(inv.random_k_damage)}
+    # named as in Validation.to_dict()'s control: random_k_damage the median, _all every set's
     return v, {"baseline": inv.baseline, "top_k": inv.baseline - inv.top_k_damage, "top_k_damage": inv.top_k_damage,
-               "random_k_damage": inv.random_k_damage}
+               "random_k_damage": inv.random_median, "random_k_damage_all": list(inv.random_k_damage)}
 
 
 def detect_temporal(model: HeadscopeModel, config: DetectorConfig | None = None) -> DetectorResult:
@@ -169,7 +172,8 @@ def detect_temporal(model: HeadscopeModel, config: DetectorConfig | None = None)
     validation = None
     if config.validate and invariant and info["facts"]:
         validation, summary["invariant_validation"] = validate_temporal(
-            model, df, asked, invariant, config.top_k, config.n_random, config.seed, p["ablation_mode"])
+            model, df, asked, invariant, config.top_k, config.n_random, config.seed, p["ablation_mode"],
+            progress=config.progress)
     return DetectorResult(kind="temporal", scores=df, summary=summary, validation=validation)
 
 

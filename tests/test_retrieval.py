@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from headscope.circuits.detect_retrieval import aggregate_retrieval, detect_retrieval, grid_walk, hit_scores, run_trial
-from headscope.circuits.detectors import DetectorConfig
+from headscope.circuits.detectors import DetectorConfig, run_detector
 from headscope.circuits.needle import NEEDLES, build_needle_prompt, haystack_sentences, rouge1_recall
 from headscope.probe.errors import InputError
 
@@ -183,3 +183,22 @@ def test_retrieval_detector_and_validation(model):
     # the causal check itself (Wu et al.'s masking): the top heads cost the needle at least twice
     # the recall the median random 8-head set costs
     assert v.top_k_damage >= 2 * v.random_median and v.top_k_damage > 0, v.verdict()
+
+
+def test_context_lengths_clamped_to_the_model_are_reported(model):
+    """Lengths that leave no room for the question and answer were cut to fit without a word."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from headscope.probe import HeadscopeModel
+
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      hidden_size=16, intermediate_size=32, vocab_size=len(model.tokenizer),
+                                      max_position_embeddings=300)).eval()
+    tiny = HeadscopeModel(hf, model.tokenizer)
+    res = run_detector(tiny, "retrieval", DetectorConfig(seq_len=256, n_prompts=3, validate=False, progress=False,
+                                                         params={"max_new_tokens": 2}))
+    s = res.summary
+    assert s["context_lengths"] == [64, 128, 172]
+    assert sorted({t["context_tokens"] for t in s["trials"]}) == [64, 128, 172]
+    assert "[64, 128, 256]" in s["note_lengths"] and "300 positions" in s["note_lengths"]

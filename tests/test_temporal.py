@@ -91,3 +91,7 @@ def test_temporal_detector_and_validation(model):
     assert len(v.random_k_damage) == 2 and "invariant" in v.notes
     inv = s["invariant_validation"]
     assert inv["baseline"] == pytest.approx(s["invariant_candidate_prob"])
+    # the same numbers, named the same way, as the verdict's control in to_dict()
+    ctl = v.to_dict()["control"]
+    assert inv["random_k_damage"] == pytest.approx(ctl["random_k_damage"])
+    assert inv["random_k_damage_all"] == pytest.approx(ctl["random_k_damage_all"])
