@@ -474,7 +474,10 @@ def _attention_call(
     if key_start:
         if "argmax" in stats:
             stats["argmax"] = torch.where(stats["argmax"] >= 0, stats["argmax"] + key_start, stats["argmax"])
-        if "colsum" in stats:  # the dropped keys receive nothing
-            stats["colsum"] = torch.nn.functional.pad(stats["colsum"], (key_start, 0))
+        if "colsum" in stats:  # the dropped keys receive nothing (NaN on zero-ablated heads, as their kept keys)
+            colsum = torch.nn.functional.pad(stats["colsum"], (key_start, 0))
+            if has_zero:
+                colsum[:, head_mask.to(dev), :key_start] = math.nan
+            stats["colsum"] = colsum
     # Same key order as the reference (request.names()).
     return out, {name: stats[name] for name in request.names()}

@@ -324,6 +324,19 @@ def test_act_calibration_runs_through_the_kernel():
     assert (logits["torch"] - plain)[real].abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("mode", ["zero", "uniform"])
+def test_key_start_with_head_mask(mode):
+    """Heads ablated with head_mask under key_start: a zero-ablated head's statistics are NaN over
+    the whole sequence, its colsum at the dropped keys too (the reference on all keys says so)."""
+    W, S, ks = 5, 20, 9
+    c = dict(name="key_start_head_mask", B=2, H=4, Hkv=2, Sq=2, Sk=S, D=16, window=W, head_mask=mode,
+             key_scale="per_head", pad="mixed")
+    q, k, v, kw = _inputs(c, SEED + 7)
+    out, stats = attention(q, k[:, :, ks:], v[:, :, ks:], stats=ALL, backend="triton", key_start=ks, **kw)
+    ref_out, ref_stats = _reference(q, k, v, kw, ALL)
+    check(out, stats, ref_out, ref_stats, ALL, where=f"key_start head_mask {mode}")
+
+
 def test_key_start_refuses_dropped_keys_in_view():
     q, k, v = torch.randn(1, 2, 2, 16), torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
     with pytest.raises(KernelInputError, match="still sees 1 of them"):
