@@ -28,7 +28,7 @@ class LayerEdit:
     head_mask: [H] bool heads to ablate; head_mask_mode "zero" or "uniform".
     key_scale_beta / key_bias: [H] per-head factor / logit bias applied on `keys`, a [B, S] bool key
         set over the whole sequence (positions beyond it count as outside the set); key_scale_beta
-        also takes per-head key sets [B, H, S] (torch path only).
+        also takes per-head key sets [B, H, S] (ACT's sinks; both backends).
     z_fn: called on the per-head outputs z [B, H, Sq, D] of the layer; returns the edited z.
     """
 
