@@ -18,6 +18,12 @@ BACKENDS = ("auto", "triton", "torch")
 TOKEN_ID_MIN, TOKEN_ID_MAX = -(2**31) + 2, 2**31 - 1
 
 
+def _check_window(window) -> None:
+    if window is not None and (isinstance(window, bool) or not hasattr(type(window), "__index__") or window < 1):
+        # an integer: the two paths would read 2.5 as i - j < 2.5 (torch) and < 2 (Triton)
+        raise KernelInputError(f"window must be an integer >= 1 or None, got {window!r}.")
+
+
 def _validate_key_start(key_start, causal, window, Sq: int, Sk: int) -> int:
     """key_start as an int; refused unless every dropped key lies outside every query's window."""
     if isinstance(key_start, bool) or not hasattr(type(key_start), "__index__") or key_start < 0:
@@ -25,6 +31,7 @@ def _validate_key_start(key_start, causal, window, Sq: int, Sk: int) -> int:
     key_start = int(key_start)
     if key_start == 0:
         return 0
+    _check_window(window)  # before the arithmetic below
     if not causal or window is None:
         raise KernelInputError("key_start > 0 (keys dropped from the front, as a sliding-window cache does) "
                                "needs causal attention with a window: otherwise the queries still see the "
@@ -52,9 +59,7 @@ def _validate(q, k, v, key_valid, token_ids, keyset, request, window, pattern_he
         raise KernelInputError(f"more queries ({Sq}) than keys ({Sk}): queries are the last Sq key positions.")
     if Sq == 0:
         raise KernelInputError("empty input: the sequence has no tokens.")
-    if window is not None and (isinstance(window, bool) or not hasattr(type(window), "__index__") or window < 1):
-        # an integer: the two paths would read 2.5 as i - j < 2.5 (torch) and < 2 (Triton)
-        raise KernelInputError(f"window must be an integer >= 1 or None, got {window!r}.")
+    _check_window(window)
     if softcap is not None and not softcap > 0:
         raise KernelInputError(f"softcap must be > 0 or None, got {softcap!r}.")
     for name, t, dtype in (("key_valid", key_valid, torch.bool), ("keyset", keyset, torch.bool)):

@@ -347,6 +347,9 @@ def test_key_start_refuses_dropped_keys_in_view():
         attention(q, k, v, window=3, causal=False, key_start=4, backend="torch")
     with pytest.raises(KernelInputError, match=r"\[B, Sk\] = \[1, 12\]"):
         attention(q, k, v, window=3, key_start=4, attention_mask=torch.ones(1, 8, dtype=torch.bool))
+    for bad in ("4", 2.5, 0, True):  # the window's own message, not a TypeError from the key_start check
+        with pytest.raises(KernelInputError, match="window must be an integer"):
+            attention(q, k, v, window=bad, key_start=4, backend="torch")
 
 
 def test_rising_row_maxima():
