@@ -19,13 +19,7 @@ from headscope.sae.train import CheckpointError, TrainConfig, new_sae, train
 LAYER = 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these SAEs are tiny: extra threads only add synchronisation cost on a shared 2-core machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,12 +14,7 @@ from headscope.sae.saelens_format import SAEFormatError, load_sae
 from headscope.sae.train import TrainConfig, new_sae, train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gao_loss(sae, x, dead):
