@@ -7,6 +7,15 @@ import pandas as pd
 import plotly.graph_objects as go
 
 
+def score_scale(grid: np.ndarray) -> tuple[str, bool, float | None]:
+    """(colorscale, reversescale, midpoint) for an [L, H] score grid. Signed scores (temporal's
+    patching effects) get a diverging scale centred on 0, so a head that works against the behaviour
+    does not read as merely "low"; non-negative ones the sequential Viridis."""
+    if np.isfinite(grid).any() and np.nanmin(grid) < 0:
+        return "RdBu", True, 0.0
+    return "Viridis", False, None
+
+
 def head_map(grid: np.ndarray, title: str, selected: tuple[int, int] | None = None) -> go.Figure:
     """Layer x head map of an [L, H] score grid, x = layer, y = head.
 
@@ -18,10 +27,11 @@ def head_map(grid: np.ndarray, title: str, selected: tuple[int, int] | None = No
     z = grid.ravel()
     finite = np.isfinite(z)
     cell = int(np.clip(760 / max(L, 1), 8, 28))
+    scale, reverse, mid = score_scale(grid)
     fig = go.Figure(go.Scatter(
         x=layer.ravel(), y=head.ravel(), mode="markers",
-        marker=dict(symbol="square", size=cell - 2, color=np.where(finite, z, np.nan), colorscale="Viridis",
-                    showscale=True, colorbar=dict(title="score"), line=dict(width=0)),
+        marker=dict(symbol="square", size=cell - 2, color=np.where(finite, z, np.nan), colorscale=scale,
+                    reversescale=reverse, cmid=mid, showscale=True, colorbar=dict(title="score"), line=dict(width=0)),
         customdata=np.where(finite, z, np.nan),
         hovertemplate="layer %{x}, head %{y}<br>score %{customdata:.4f}<extra></extra>",
         name="heads",

@@ -18,6 +18,7 @@ from plotly.subplots import make_subplots
 from headscope.circuits.scores import DetectorResult, score_grid
 from headscope.probe import ModelMeta
 
+from .explorer_figures import score_scale
 from .rank_output import jsonable, scored
 
 
@@ -45,8 +46,9 @@ class _Figures:
 
 def heatmap(result: DetectorResult, meta: ModelMeta) -> go.Figure:
     grid = score_grid(result.scores, meta.n_layers, meta.n_heads)
+    scale, reverse, mid = score_scale(grid)
     fig = go.Figure(go.Heatmap(z=grid, x=list(range(meta.n_heads)), y=list(range(meta.n_layers)),
-                               colorscale="Viridis", colorbar=dict(title="score"),
+                               colorscale=scale, reversescale=reverse, zmid=mid, colorbar=dict(title="score"),
                                hovertemplate="layer %{y} head %{x}<br>score %{z:.4g}<extra></extra>"))
     fig.update_layout(title=f"{result.kind}: score of every head", xaxis_title="head", yaxis_title="layer",
                       height=max(320, 14 * meta.n_layers + 120), width=max(360, 40 * meta.n_heads + 200),

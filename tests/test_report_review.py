@@ -151,3 +151,21 @@ def test_findings_summarise_large_nested_values(model):
     assert len(findings) < 1500, len(findings)
     assert "270 entries" in findings and "heads.json" in findings
     assert "0.6643" in findings and "0.6642512182394663" not in findings
+
+
+def test_signed_scores_get_a_diverging_scale_centred_on_zero(model):
+    """Temporal's patching effects are signed: on Viridis a head working against the behaviour
+    looked merely 'low'. Non-negative scores keep the sequential scale."""
+    from headscope.apps.report import heatmap
+
+    grid = np.linspace(-0.1, 0.3, 30 * 9).reshape(30, 9)
+    grid[0, 0] = np.nan
+    t = heatmap(DetectorResult("temporal", head_scores("temporal", grid), {}, None), model.meta).data[0]
+    assert t.zmid == 0.0 and t.colorscale[0][1] != t.colorscale[-1][1] and t.reversescale
+    s = heatmap(DetectorResult("sink", head_scores("sink", np.abs(grid)), {}, None), model.meta).data[0]
+    assert s.zmid is None and s.colorscale[0][1] == "#440154"  # Viridis
+    # the explorer's clickable map uses the same scale
+    from headscope.apps.explorer_figures import head_map
+
+    m = head_map(grid, "temporal").data[0].marker
+    assert m.cmid == 0.0 and m.reversescale
