@@ -26,6 +26,7 @@ from headscope.kernels.stats import StatsRequest
 from headscope.probe import HeadscopeModel, LayerEdit
 
 from .ablation import heads_by_layer
+from .detect_sink import visible_query_counts
 from .next_token import first_token_id
 
 BETA = 0.4
@@ -59,13 +60,7 @@ def sink_keys(colsum: torch.Tensor, attention_mask: torch.Tensor | None = None, 
     """
     B, H, S = colsum.shape
     valid = torch.ones(B, S, dtype=torch.bool) if attention_mask is None else attention_mask.bool().cpu()
-    # queries that see key j: the real tokens at i >= j (causal) or at any i, within the window
-    c = torch.nn.functional.pad(valid.double().cumsum(1), (1, 0))  # c[:, n] = real tokens before n
-    j = torch.arange(S)
-    w = S if window is None else int(window)
-    hi = torch.clamp(j + w, max=S)
-    lo = j if causal else torch.clamp(j - w + 1, min=0)
-    seen = c[:, hi] - c[:, lo]
+    seen = visible_query_counts(valid, causal, window)
     ratio = colsum.float().cpu() / seen[:, None, :].clamp_min(1)
     sinks = (ratio > threshold) & valid[:, None, :]
     if skip_first:

@@ -26,7 +26,7 @@ from headscope.probe import HeadscopeModel
 from headscope.probe.errors import InputError
 
 from .ablation import ablate_heads
-from .detectors import DetectorConfig
+from .detectors import DetectorConfig, check_params
 from .needle import NEEDLES, Needle, NeedlePrompt, build_needle_prompt, haystack_sentences, rouge1_recall
 from .prompts import load_prompts
 from .scores import DetectorResult, Validation, head_scores, top_heads
@@ -223,9 +223,7 @@ def detect_retrieval(model: HeadscopeModel, config: DetectorConfig | None = None
     """
     config = config or DetectorConfig()
     p = {**DEFAULTS, **config.params}
-    unknown = set(config.params) - set(detect_retrieval.known_params)
-    if unknown:
-        raise InputError(f"unknown retrieval parameters {sorted(unknown)}; known: {sorted(detect_retrieval.known_params)}.")
+    check_params("retrieval", config)  # also when called directly, not through run_detector
     seq_len = config.seq_len if config.seq_len is not None else DEFAULT_SEQ_LEN
     n_trials = config.n_prompts if config.n_prompts is not None else DEFAULT_TRIALS
     if seq_len < 1 or n_trials < 1:  # None means the default; 0 or less leaves nothing to measure

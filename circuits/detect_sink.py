@@ -55,20 +55,24 @@ def _param(config: DetectorConfig, name: str):
     return config.params.get(name, DEFAULTS[name])
 
 
-def queries_seeing_keys(meta, S: int) -> torch.Tensor:
-    """[L, S] float64: how many of S queries can see key j in each layer. Causal: S - j, capped at the
-    window w of a sliding-window layer (query i sees j when i - j < w); encoders: S (or the keys
-    within |i - j| < w)."""
+def visible_query_counts(valid: torch.Tensor, causal: bool, window: int | None) -> torch.Tensor:
+    """[B, S] float64: how many real queries (valid [B, S] bool) can see each key j. Causal: those at
+    i >= j, with i - j < window in a sliding-window layer; encoders: every i (|i - j| < window)."""
+    S = valid.shape[1]
+    c = torch.nn.functional.pad(valid.double().cumsum(1), (1, 0))  # c[:, n] = real tokens before n
     j = torch.arange(S)
-    windows = meta.sliding_windows or (None,) * meta.n_layers
-    rows = []
-    for w in windows:
-        if meta.causal:
-            rows.append(S - j if w is None else torch.clamp(S - j, max=int(w)))
-        else:
-            rows.append(torch.full((S,), S) if w is None
-                        else torch.clamp(j + int(w), max=S) - torch.clamp(j - int(w) + 1, min=0))
-    return torch.stack(rows).double()
+    w = S if window is None else int(window)
+    hi = torch.clamp(j + w, max=S)
+    lo = j if causal else torch.clamp(j - w + 1, min=0)
+    return c[:, hi] - c[:, lo]
+
+
+def queries_seeing_keys(meta, S: int) -> torch.Tensor:
+    """[L, S] float64: how many of S queries can see key j in each layer (`visible_query_counts`
+    with the layer's window)."""
+    every = torch.ones(1, S, dtype=torch.bool)
+    return torch.cat([visible_query_counts(every, meta.causal, w)
+                      for w in (meta.sliding_windows or (None,) * meta.n_layers)])
 
 
 def sink_alpha(model, tokens: torch.Tensor, config: DetectorConfig, threshold: float, min_queries: int,

@@ -26,7 +26,7 @@ from headscope.probe import HeadscopeModel
 from headscope.probe.errors import InputError
 
 from .ablation import ablate_heads
-from .detectors import DetectorConfig
+from .detectors import DetectorConfig, check_params
 from .patching import last_logits, patch_heads
 from .scores import DetectorResult, Validation, head_scores, top_heads
 from .validation import validate_heads
@@ -136,9 +136,7 @@ def detect_temporal(model: HeadscopeModel, config: DetectorConfig | None = None)
     config.params: "ablation_mode" (zero), "heads_per_batch" (64).
     """
     config = config or DetectorConfig()
-    unknown = set(config.params) - set(DEFAULTS)
-    if unknown:
-        raise InputError(f"unknown temporal parameters {sorted(unknown)}; known: {sorted(DEFAULTS)}.")
+    check_params("temporal", config)  # also when called directly, not through run_detector
     p = {**DEFAULTS, **config.params}
     n = config.n_prompts if config.n_prompts is not None else DEFAULT_FACTS
     if n < 1:  # None means the default; 0 or less patches no fact

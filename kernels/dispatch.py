@@ -86,6 +86,14 @@ def _validate(q, k, v, key_valid, token_ids, keyset, request, window, pattern_he
         raise KernelInputError(f"pattern_heads {list(pattern_heads)} out of range 0..{H - 1}.")
 
 
+def _at_sequence_positions(k: torch.Tensor, v: torch.Tensor, key_start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """k, v with key_start zero keys in front (an O(S) copy, made only for the torch computations).
+    The dropped keys are outside every query's window, so zeros in their place change nothing."""
+    if not key_start:
+        return k, v
+    return tuple(torch.cat([t.new_zeros(*t.shape[:2], key_start, t.shape[3]), t], 2) for t in (k, v))
+
+
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401
@@ -152,12 +160,8 @@ def attention(
     if backend not in BACKENDS:
         raise KernelInputError(f"backend must be one of {BACKENDS}, got {backend!r}.")
     use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
-    k_seq, v_seq = k, v  # keys at their sequence positions, for the torch computations
-    if key_start:
-        # The dropped keys are outside every query's window: zeros in their place change nothing.
-        k_seq, v_seq = (torch.cat([t.new_zeros(*t.shape[:2], key_start, t.shape[3]), t], 2) for t in (k, v))
     if not use_triton:
-        k, v = k_seq, v_seq
+        k, v = _at_sequence_positions(k, v, key_start)
         return attention_reference(
             q, k, v, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap,
             key_valid=attention_mask, token_ids=token_ids, keyset=keyset, request=request,
@@ -180,7 +184,8 @@ def attention(
         key_valid=attention_mask, token_ids=token_ids, keyset=keyset, request=replace(request, content=False),
         head_mask=head_mask, head_mask_mode=head_mask_mode, key_scale=key_scale, key_bias=key_bias,
         key_start=key_start)
-    k, v = k_seq, v_seq
+    if request.content or pattern_heads:
+        k, v = _at_sequence_positions(k, v, key_start)  # the torch computations below read every position
     if request.content:
         # Not in the fused kernel yet: the exact torch path computes it (same numbers, a second
         # attention pass in O(S x chunk) memory), as for patterns below.

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import replace
 
 import torch
 import triton
@@ -196,17 +197,21 @@ def attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw
     return out, {name: torch.cat([s[name] for _, s in parts]) for name in parts[0][1]}
 
 
-def _batch_slice(kw: dict, lo: int, hi: int) -> dict:
-    """The per-sequence keyword arguments of `_attention_call` cut to sequences lo..hi-1."""
+def _map_key_inputs(kw: dict, fn) -> dict:
+    """kw with fn applied to every per-key input [B, (H,) S]: masks, token ids and the edits' key sets."""
     out = dict(kw)
     for name in ("key_valid", "token_ids", "keyset"):
         if out.get(name) is not None:
-            out[name] = out[name][lo:hi]
-    if out.get("key_scale") is not None:
-        out["key_scale"] = KeyScale(beta=out["key_scale"].beta, keys=out["key_scale"].keys[lo:hi])
-    if out.get("key_bias") is not None:
-        out["key_bias"] = KeyBias(bias=out["key_bias"].bias, keys=out["key_bias"].keys[lo:hi])
+            out[name] = fn(out[name])
+    for name in ("key_scale", "key_bias"):
+        if out.get(name) is not None:
+            out[name] = replace(out[name], keys=fn(out[name].keys))
     return out
+
+
+def _batch_slice(kw: dict, lo: int, hi: int) -> dict:
+    """The per-sequence keyword arguments of `_attention_call` cut to sequences lo..hi-1."""
+    return _map_key_inputs(kw, lambda t: t[lo:hi])
 
 
 def _attention_call(
@@ -226,12 +231,10 @@ def _attention_call(
     sink's first key, the previous token of key 0, and argmax / colsum are placed here."""
     full_valid, full_tok = key_valid, token_ids
     if key_start:
-        cut = lambda t: None if t is None else t[..., key_start:]  # noqa: E731
-        key_valid, token_ids, keyset = cut(key_valid), cut(token_ids), cut(keyset)
-        if key_scale is not None:
-            key_scale = KeyScale(beta=key_scale.beta, keys=cut(key_scale.keys))
-        if key_bias is not None:
-            key_bias = KeyBias(bias=key_bias.bias, keys=cut(key_bias.keys))
+        cut = _map_key_inputs(dict(key_valid=key_valid, token_ids=token_ids, keyset=keyset, key_scale=key_scale,
+                                   key_bias=key_bias), lambda t: t[..., key_start:])
+        key_valid, token_ids, keyset, key_scale, key_bias = (
+            cut[n] for n in ("key_valid", "token_ids", "keyset", "key_scale", "key_bias"))
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise BackwardNotSupportedError(
             "the fused Triton attention kernel has no backward pass; use backend='torch' or "
