@@ -31,7 +31,8 @@ def add_sae_parser(subparsers) -> argparse.ArgumentParser:
     t.add_argument("--tokens", type=int, default=1_000_000,
                    help="activations to collect (whole shards of up to 65,536 tokens; training repeats them)")
     t.add_argument("--out", required=True)
-    t.add_argument("--corpus", default=None, help=".txt / .jsonl / saved HF dataset dir (default: embedded)")
+    t.add_argument("--corpus", default=None, help=".txt / .jsonl / saved HF dataset dir (default: embedded); "
+                   "about 1 document in 20 is held out of training for `sae eval`")
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--batch-size", type=int, default=1024)
     t.add_argument("--sparsity-coeff", type=float, default=None,
@@ -52,7 +53,10 @@ def add_sae_parser(subparsers) -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="L0, FVU, dead/dense latents, CE loss recovered, top contexts")
     e.add_argument("dir")
     e.add_argument("--model", default=None)
-    e.add_argument("--corpus", default=None)
+    e.add_argument("--corpus", default=None, help="default: the embedded corpus, drawn with another seed than training's")
+    e.add_argument("--split", choices=("held_out", "all"), default="held_out",
+                   help="of a --corpus: its held-out documents (the ones `sae train` skipped), or all of it "
+                        "(a separate evaluation file)")
     e.add_argument("--batches", type=int, default=4)
     e.add_argument("--seq-len", type=int, default=256)
     e.add_argument("--model-batch", type=int, default=8)
@@ -103,6 +107,8 @@ def cmd_train(args) -> int:
     # what the activations are: a cache made with other data must not stand in for the one asked for
     source = {"model": m.name, "layer": args.layer, "site": args.site, "corpus": args.corpus,
               "seq_len": args.seq_len, "tokens": args.tokens, "seed": args.seed}
+    if args.corpus is not None:
+        source["corpus_split"] = "train"  # a cache from before the split also read the held-out documents
     if acts is not None and (acts / "manifest.json").exists():
         store = ActivationStore.open(acts)
         cached = {k: store.info.get("source", {}).get(k) for k in source}  # none recorded: refused
@@ -112,8 +118,8 @@ def cmd_train(args) -> int:
                            f"(cached, asked): {diff}; use another --acts-dir or delete this one.")
     else:
         bos = model.tokenizer.bos_token_id
-        rows = packed_batches(model.tokenizer, corpus_texts(args.corpus, seed=args.seed), seq_len=args.seq_len,
-                              batch_size=args.model_batch, bos_id=bos)
+        texts = corpus_texts(args.corpus, seed=args.seed, split="all" if args.corpus is None else "train")
+        rows = packed_batches(model.tokenizer, texts, seq_len=args.seq_len, batch_size=args.model_batch, bos_id=bos)
         store = ActivationStore(d_in=d_in, shard_tokens=min(65536, args.tokens), spill_dir=acts)
         store = collect(model, args.layer, args.site, rows, args.tokens, store=store, progress=not args.quiet)
         store.info["source"] = source
@@ -135,11 +141,15 @@ def cmd_eval(args) -> int:
     import torch
 
     from headscope.sae.activations import site_dim, stream_activations
-    from headscope.sae.corpus import corpus_texts, packed_batches
+    from headscope.sae.corpus import corpus_texts, load_texts, packed_batches, split_documents
     from headscope.sae.metrics import ce_loss_recovered, head_attribution, reconstruction_metrics, top_activating
     from headscope.sae.saelens_format import load_sae
 
     d = Path(args.dir)
+    split = "all" if args.corpus is None else args.split
+    if split == "held_out" and not split_documents(load_texts(args.corpus))[1]:
+        raise CLIError(f"{args.corpus} has a single distinct document, so `sae train` held nothing out of it; "
+                       "evaluate on another file with --split all.")
     sae = load_sae(d)
     model = _load(args)
     c = sae.cfg
@@ -150,11 +160,12 @@ def cmd_eval(args) -> int:
     if site_dim(model.meta, c.site) != c.d_in:
         raise CLIError(f"{d} reads {c.site} vectors of {c.d_in} dimensions; {model.meta.name} layer {c.layer} has "
                        f"{site_dim(model.meta, c.site)}: load the model it was trained on.")
-    rows = packed_batches(model.tokenizer, corpus_texts(args.corpus, seed=12345), seq_len=args.seq_len,
+    rows = packed_batches(model.tokenizer, corpus_texts(args.corpus, seed=12345, split=split), seq_len=args.seq_len,
                           batch_size=args.model_batch, bos_id=model.tokenizer.bos_token_id)
     batches = [b for _, b in zip(range(args.batches), rows)]
     rec = reconstruction_metrics(sae, stream_activations(model, c.layer, c.site, batches))
-    res = {k: v for k, v in rec.items() if k != "density"}
+    res = {"corpus": args.corpus or "embedded (seed 12345)", "split": split}
+    res |= {k: v for k, v in rec.items() if k != "density"}
     if c.site == "z":
         res |= ce_loss_recovered(model, sae, c.layer, batches)
         attr = head_attribution(sae, model.meta.n_heads, model.meta.head_dim)

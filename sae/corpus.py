@@ -10,6 +10,7 @@ templates. Use a real corpus (`--corpus FILE`) for research results.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import re
@@ -172,13 +173,51 @@ def default_corpus(n_docs: int | None = None, seed: int = 0) -> Iterator[str]:
         i += 1
 
 
-def corpus_texts(path: str | Path | None = None, *, seed: int = 0, text_field: str = "text") -> Iterator[str]:
+HELD_OUT_EVERY = 20  # about 1 document in 20 of a user corpus is kept out of training for `sae eval`
+
+
+def split_documents(docs: list[str]) -> tuple[list[str], list[str]]:
+    """(train, held_out) of a user corpus, about 1 in HELD_OUT_EVERY documents held out.
+
+    The split hashes each document's text, so it does not depend on file order and a document that
+    appears twice lands on one side only (a duplicate on both sides would make the held-out numbers
+    a training score). A corpus of at least two distinct documents holds out at least one; a corpus
+    of one distinct document cannot be split: held_out is then empty.
+    """
+    def h(d: str) -> int:
+        return int.from_bytes(hashlib.blake2b(d.encode("utf-8"), digest_size=8).digest(), "big")
+
+    distinct = set(docs)
+    if len(distinct) < 2:
+        return docs, []
+    held_set = {d for d in distinct if h(d) % HELD_OUT_EVERY == 0}
+    if not held_set or held_set == distinct:  # small corpora: hold out the document with the smallest hash
+        held_set = {min(distinct, key=h)}
+    return [d for d in docs if d not in held_set], [d for d in docs if d in held_set]
+
+
+def corpus_texts(path: str | Path | None = None, *, seed: int = 0, text_field: str = "text",
+                 split: str = "all") -> Iterator[str]:
     """Endless document stream: the user corpus cycled (epoch e shuffled with seed + e), or the
-    embedded default when path is None."""
+    embedded default when path is None.
+
+    split: "all", or "train" / "held_out" (`split_documents`) of a user corpus: `sae train` reads
+    "train" and `sae eval` "held_out". The embedded default is procedural and has no held-out part
+    (a different seed draws different paragraphs from the same sentences and templates), so a split
+    other than "all" is refused for it."""
+    if split not in ("all", "train", "held_out"):
+        raise CorpusError(f"split must be 'all', 'train' or 'held_out', not {split!r}.")
     if path is None:
+        if split != "all":
+            raise CorpusError("the embedded corpus has no held-out split; pass split='all' (and a different seed).")
         yield from default_corpus(seed=seed)
         return
     docs = load_texts(path, text_field=text_field)
+    if split != "all":
+        train, held = split_documents(docs)
+        if split == "held_out" and not held:
+            raise CorpusError(f"corpus {path} has a single distinct document: nothing can be held out of training.")
+        docs = train if split == "train" else held
     epoch = 0
     while True:
         order = list(range(len(docs)))

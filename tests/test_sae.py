@@ -1,5 +1,6 @@
 """SAE training, architectures, resume, metrics and bad input (issue 6)."""
 
+import itertools
 import json
 from pathlib import Path
 
@@ -272,6 +273,61 @@ def test_bad_inputs(model, tmp_path, z_store):
         load_texts(tmp_path / "bad.jsonl")
     (tmp_path / "ok.jsonl").write_text('{"text": "hello there"}\n\n{"text": "general"}\n')
     assert load_texts(tmp_path / "ok.jsonl") == ["hello there", "general"]
+
+
+def test_user_corpus_held_out_split(tmp_path):
+    """sae train reads the train side of a user corpus and sae eval the held-out side: disjoint,
+    independent of file order, duplicates on one side, every document on one side."""
+    from headscope.sae.corpus import split_documents
+
+    docs = [f"document number {i} about topic {i % 7}." for i in range(200)] + ["a repeated document."] * 3
+    train, held = split_documents(docs)
+    assert held and set(train).isdisjoint(held) and sorted(train + held) == sorted(docs)
+    assert 0.02 < len(held) / len(docs) < 0.10  # about 1 in 20
+    assert split_documents(docs[::-1]) == (train[::-1], held[::-1])  # order does not pick the side
+    assert docs.count("a repeated document.") in (train.count("a repeated document."),
+                                                  held.count("a repeated document."))
+    assert split_documents(["x", "y"])[1] in (["x"], ["y"])  # small corpora still hold one out
+    assert split_documents(["same", "same"]) == (["same", "same"], [])
+    (tmp_path / "c.txt").write_text("\n\n".join(docs))
+    seen_train = set(itertools.islice(corpus_texts(tmp_path / "c.txt", split="train"), 400))
+    seen_held = set(itertools.islice(corpus_texts(tmp_path / "c.txt", split="held_out"), 50))
+    assert seen_train == set(train) and seen_held == set(held)
+    with pytest.raises(CorpusError, match="held-out"):
+        next(corpus_texts(None, split="held_out"))
+    (tmp_path / "one.txt").write_text("only one document")
+    with pytest.raises(CorpusError, match="single distinct"):
+        next(corpus_texts(tmp_path / "one.txt", split="held_out"))
+
+
+def test_cli_eval_reads_the_held_out_documents(tmp_path, capsys, monkeypatch):
+    from headscope.apps import sae_cli
+    from headscope.sae import corpus
+
+    docs = [f"Paragraph {i}: the {['red', 'blue', 'green'][i % 3]} boat left port {i} at dawn." for i in range(60)]
+    (tmp_path / "c.txt").write_text("\n\n".join(docs))
+    read = {}
+    real = corpus.corpus_texts
+
+    def spy(path, *, seed=0, text_field="text", split="all"):
+        it = real(path, seed=seed, text_field=text_field, split=split)
+        for d in it:
+            read.setdefault(split, set()).add(d)
+            yield d
+
+    monkeypatch.setattr(corpus, "corpus_texts", spy)
+    common = ["--layer", "3", "--k", "8", "--expansion", "1", "--batch-size", "128", "--model-batch", "4",
+              "--seq-len", "32", "--quiet", "--corpus", str(tmp_path / "c.txt")]
+    assert sae_cli.main(["sae", "train", *common, "--tokens", "512", "--out", str(tmp_path / "s")]) == 0
+    eval_args = ["--corpus", str(tmp_path / "c.txt"), "--batches", "1", "--model-batch", "2", "--seq-len", "32",
+                 "--top-latents", "1", "--quiet"]
+    assert sae_cli.main(["sae", "eval", str(tmp_path / "s"), *eval_args]) == 0
+    assert read["train"] and read["held_out"] and read["train"].isdisjoint(read["held_out"])
+    assert json.loads((tmp_path / "s" / "eval.json").read_text())["split"] == "held_out"
+    (tmp_path / "one.txt").write_text("only one document")
+    capsys.readouterr()
+    assert sae_cli.main(["sae", "eval", str(tmp_path / "s"), "--corpus", str(tmp_path / "one.txt")]) == 2
+    assert "--split all" in capsys.readouterr().err
 
 
 def test_cli_bad_inputs_leave_files_alone(tmp_path, capsys):
