@@ -91,7 +91,9 @@ def _inputs(c: dict, seed: int):
         kv = torch.ones(B, Sk, dtype=torch.bool)
         for b in range(B):
             n = int(torch.randint(1, Sk // 3 + 1, (1,), generator=g))
-            if pad == "left" or (pad == "mixed" and b % 2 == 0):
+            if pad == "holes":  # masked keys between real ones (packed or hand-made masks)
+                kv[b] = torch.rand(Sk, generator=g) > 0.25
+            elif pad == "left" or (pad == "mixed" and b % 2 == 0):
                 kv[b, :n] = False
             else:
                 kv[b, Sk - n:] = False
@@ -585,6 +587,15 @@ def test_sparse_match_with_every_statistic_and_uneven_tiles(monkeypatch):
                   key_scale=True, key_bias=True, vocab=7))
 
 
+@pytest.mark.parametrize("match_path", ["dense", "sparse"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_match_with_masked_keys_between_real_ones(match_path, causal, monkeypatch):
+    """A masked key whose predecessor is real: next_match must not count it (nor match its token)."""
+    monkeypatch.setattr(ta, "MATCH_PATH", match_path)
+    run_case(dict(name=f"holes_{match_path}_{causal}", B=2, H=2, Hkv=1, Sq=40, Sk=40, D=64, pad="holes",
+                  causal=causal, vocab=3), request=MATCH_ONLY)
+
+
 def test_match_path_auto_and_agreement(monkeypatch):
     """auto takes the in-loop dense path up to DENSE_MATCH_MAX_SCORES scores (B x H x Sq x Sk) and the
     pair pass above, for text-like ids and for one repeated token (its sorted walk is then the dense
@@ -610,7 +621,8 @@ def test_pair_plan_ranges_match_searchsorted():
         tok = torch.randint(0, vocab, (2, Sk), generator=g, dtype=torch.int32)
         tq = tok[:, Sk - Sq:].contiguous()
         tq[0, :5] = -2147483647  # padded query rows carry the sentinel
-        perm_q, sorted_q, perm_k, sorted_k, k_lo, k_hi = pair_plan(*sort_rows(tq), tok, bm, causal)
+        perm_q, sorted_q = sort_rows(tq)
+        perm_k, sorted_k, k_lo, k_hi = pair_plan(perm_q, sorted_q, tok, bm, causal)
         ck = sorted_k.long() * (Sk + 1) + perm_k
         first = torch.arange(0, Sq, bm)
         last = torch.clamp(first + bm - 1, max=Sq - 1)
