@@ -51,7 +51,9 @@ def make_inputs(c: dict, gen: torch.Generator):
         kv = torch.ones(B, Sk, dtype=torch.bool, device=dev)
         for b in range(B):
             n = int(torch.randint(1, Sk // 4, (1,), generator=gen, device=dev))
-            if (c["pad"] == "left") or (c["pad"] == "mixed" and b % 2 == 0):
+            if c["pad"] == "holes":  # masked keys between real ones
+                kv[b] = torch.rand(Sk, generator=gen, device=dev) > 0.25
+            elif (c["pad"] == "left") or (c["pad"] == "mixed" and b % 2 == 0):
                 kv[b, :n] = False
             else:
                 kv[b, Sk - n:] = False
@@ -195,6 +197,8 @@ CASES = [
          match_path="dense"),
     dict(name="bf16 d128 vocab3 forced sparse ks+bias S=4k", B=1, H=4, Hkv=2, Sq=4096, Sk=4096, D=128,
          vocab=3, match_path="sparse", key_scale="per_head", key_bias=True, softcap=30.0),
+    dict(name="bf16 d64 noncausal masked holes vocab5 sparse S=4k", B=2, H=4, Hkv=2, Sq=4096, Sk=4096, D=64,
+         causal=False, pad="holes", vocab=5, match_path="sparse"),
     dict(name="bf16 d64 causal S=1k", B=2, H=4, Hkv=2, Sq=1024, Sk=1024, D=64),
     dict(name="bf16 d128 causal S=4k", B=1, H=4, Hkv=2, Sq=4096, Sk=4096, D=128),
     dict(name="bf16 d64 causal S=16k", B=1, H=4, Hkv=2, Sq=16384, Sk=16384, D=64),
