@@ -92,7 +92,9 @@ def decode_step_times() -> list[dict]:
     req = replace(StatsRequest.all(topk=1, sink_k=1, offsets=(1,), colsum=True), match=False, next_match=False)
     B, H, Hkv, D, W = 4, 32, 8, 128, 4096
     rows = []
-    for S in (8192, 32768, 131072):
+    # Two passes over the lengths, the first discarded: in run 41 the first row timed (8k) read 0.58 ms
+    # against 0.30 ms for the same 4096 keys at 32k (clocks and caches still settling).
+    for S in (8192, 32768, 131072) * 2:
         q = torch.randn(B, H, 1, D, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(B, Hkv, W, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
         ks = S - W
@@ -107,7 +109,7 @@ def decode_step_times() -> list[dict]:
         t_pad = triton.testing.do_bench(padded, warmup=10, rep=50, return_mode="median")
         t_in = triton.testing.do_bench(in_place, warmup=10, rep=50, return_mode="median")
         rows.append({"S": S, "padded_ms": t_pad, "key_start_ms": t_in, "ratio": t_pad / t_in})
-    return rows
+    return rows[len(rows) // 2:]
 
 
 def main():

@@ -26,7 +26,7 @@ from .errors import BackwardNotSupportedError, KernelInputError
 from .stats import StatsRequest
 from .triton_colsum import _colsum_kernel
 from .triton_forward import LOG2E, NO_TOKEN_ID, _attn_fwd, _match_counts
-from .triton_match_pairs import _pair_mass_kernel, entry_tokens, pair_plan, query_tokens, sort_rows
+from .triton_match_pairs import _pair_mass_kernel, key_tokens, pair_plan, query_tokens, sort_rows
 
 MAX_TOPK = 16
 MAX_OFFSETS = 32
@@ -340,20 +340,25 @@ def _attention_call(
     match_o = alloc("match_mass", B, H, Sq) if request.match else dummy_f
     next_o = alloc("next_match_mass", B, H, Sq) if request.next_match else dummy_f
     kset_o = alloc("keyset_mass", B, H, Sq) if request.keyset else dummy_f
-    # Token statistics go to the sparse pair pass (the plan is queued on the device: nothing here syncs).
-    plan = None
+    # Token statistics go to the sparse pair pass (plans queued on the device: nothing here syncs).
+    plans: dict[str, tuple] = {}
     last_match_paths.clear()
     wanted = [n for n, w in (("match_mass", request.match), ("next_match_mass", request.next_match)) if w]
     dense_auto = MATCH_PATH == "auto" and B * H * Sq * Sk <= DENSE_MATCH_MAX_SCORES
     if wanted and (Sq == 0 or MATCH_PATH == "dense" or dense_auto):
         last_match_paths.update({n: "dense" for n in wanted})
     elif wanted:
-        sq = sort_rows(query_tokens(tok, key_valid, Sq))
-        # One sorted entry list serves both statistics: entry e is match key e - 1 and next_match key e.
-        x = entry_tokens(tok, key_valid, prev_tok[:, 0] if request.next_match else None)
-        plan = (*sq, *pair_plan(*sq, x, _pair_tiles(interp)[0], bool(causal), off=Sk - Sq))
-        last_match_paths.update({n: "sparse" for n in wanted})
-    save_lse = request.colsum or plan is not None
+        tq = query_tokens(tok, key_valid, Sq)
+        sq = sort_rows(tq)
+        bm = _pair_tiles(interp)[0]
+        for name in wanted:
+            # Without padding and with Sq == Sk the match keys are the query tokens: one sort serves both.
+            same = name == "match_mass" and key_valid is None and Sq == Sk
+            plans[name] = pair_plan(*sq, tq if same else key_tokens(tok if name == "match_mass" else prev_tok,
+                                                                    key_valid),
+                                    bm, bool(causal), sorted_keys=sq if same else None)
+            last_match_paths[name] = "sparse"
+    save_lse = request.colsum or bool(plans)
     lse2_int = empty(B, H, Sq) if save_lse else dummy_f
     coef_int = empty(B, H, Sq, 2) if (save_lse and key_scale is not None) else dummy_f
 
@@ -367,8 +372,8 @@ def _attention_call(
     # Tuning class: 0 output / lse / sink / offsets (epilogue only), 1 per-element statistics without
     # token ids (entropy, top-k) and keyset (tensor cores), 2 dense token comparisons or ACT (most
     # registers). Measured on H100: the tile that suits class 1 is not the one that suits class 2.
-    dense_match = request.match and plan is None
-    dense_next = request.next_match and plan is None
+    dense_match = request.match and "match_mass" not in plans
+    dense_next = request.next_match and "next_match_mass" not in plans
     if dense_match or dense_next or key_scale is not None:
         heavy = 2
     elif request.entropy or request.topk or request.keyset:
@@ -399,23 +404,24 @@ def _attention_call(
         _fwd_tuned[grid](*fwd_args, **fwd_flags, HEAVY=heavy, LEN_BUCKET=bucket)
 
     counts: dict[str, torch.Tensor] = {}
-    if plan is not None:
+    if plans:
         # One launch for both statistics: each program loads its sorted query rows, q and lse once.
-        outs = []
+        sets = []
         for name in ("match_mass", "next_match_mass"):
-            if name in wanted:
+            if name in plans:
+                _, _, perm_k, sorted_k, k_lo, k_hi = plans[name]
                 counts[name] = empty(B, Sq)
-                outs += [stats[name], counts[name]]
+                sets.append((stats[name], counts[name], perm_k, sorted_k, k_lo, k_hi))
             else:
-                outs += [dummy_f, dummy_f]
+                sets.append((dummy_f, dummy_f, tok, tok, tok, tok))
         n_tiles = triton.cdiv(Sq, _pair_tiles(interp)[0])
-        pair_args = (q, k, lse2_int, coef_int, *plan, kv_u8, *outs,
+        # Both plans sort the same query rows (sq): one (perm_q, sorted_q) serves both statistics.
+        pair_args = (q, k, lse2_int, coef_int, *sq, *sets[0], *sets[1],
                      *q.stride(), *k.stride(), H, G, Sq, Sk, OFF, qk_scale, cap2, int(window or 0), n_tiles,
                      kb_keys, kb_bias, ks_keys, *ks_strides, hmask)
         pair_flags = dict(
             HEAD_DIM=HEAD_DIM, D_TRUE=D, BLOCK_M=_pair_tiles(interp)[0], CAUSAL=bool(causal),
-            HAS_WINDOW=window is not None, HAS_KV=key_valid is not None, MATCH=request.match,
-            NEXT=request.next_match,
+            HAS_WINDOW=window is not None, MATCH="match_mass" in plans, NEXT="next_match_mass" in plans,
             SOFTCAP=softcap is not None, KEY_BIAS=key_bias is not None, KEY_SCALE=key_scale is not None,
             HAS_ZERO=has_zero, HAS_UNIFORM=has_uniform, PRESCALED=prescaled, PREC=prec, LEN_BUCKET=bucket)
         if interp:

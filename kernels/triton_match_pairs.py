@@ -9,19 +9,13 @@ from the forward's saved base-2 lse (the same recomputation as the colsum pass, 
 included) and summing it where the tokens are equal and the pair is visible. Each row's pairs all
 lie in its program's key range, so each row is written once, no atomics.
 
-Both statistics walk one sorted list. Entry e (0 <= e <= Sk) carries X[e], the token at key e - 1
-(X[0]: the token before key 0, a dropped key's under key_start); a query with that token matches key
-e - 1 (match, e - 1 < i) and key e (next_match: tok_{e-1} == tok_i, e <= i). So one walk issues the
-two K-row gathers of an entry together, where two walks over two sorted lists waited on each in
-turn (the pass is latency-bound), and one sort and one range search serve both.
-
 `attention_triton` takes this path for match / next_match on problems above
 `DENSE_MATCH_MAX_SCORES` scores; below it the fixed host cost of the sorts and launches is larger
 than the dense in-loop comparisons (`MATCH_PATH` forces either). Both compute the same sums of the
 same probabilities. Nothing here waits for the device: the plan (two sorts and a binary-search
-kernel) is queued behind the forward. The walk is bounded whatever the text: a tile visits at most
-Sk + 1 entries (one repeated token: the identity order, i.e. the dense pass); on text (Zipf ids) it
-is ~2% of the causal scores.
+kernel) is queued behind the forward. The walk is bounded whatever the text: a tile visits at most Sk keys
+(at most twice the dense causal score count, one repeated token: the identity order, i.e. the dense
+pass); on text (Zipf ids) it is ~2% of the causal scores.
 """
 
 from __future__ import annotations
@@ -38,57 +32,65 @@ NO_TOKEN_C = tl.constexpr(NO_TOKEN_ID)
 
 
 @triton.jit
-def _pair_sums(q, eq, jpos, pos_m, lse2, cs, cr, K_bh, skn, skd, KeyValid_b, KsKeys_b, KbKeys_b,
+def _pair_walk(q, tq, pos_m, lse2, cs, cr, K_bh, skn, skd, PermK_b, TokK_b, KsKeys_b, KbKeys_b, lo, hi,
                Sk, qk_scale, cap2, bias2, uniform, window,
-               HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr,
-               STRICT: tl.constexpr, CHECK_KV: tl.constexpr, SOFTCAP: tl.constexpr, KEY_BIAS: tl.constexpr,
-               KEY_SCALE: tl.constexpr, HAS_UNIFORM: tl.constexpr, PRESCALED: tl.constexpr, PREC: tl.constexpr):
-    """One tile of pairs: keys jpos [BN] (Sk = none), eq [BM, BN] the token test. Returns the row sums
-    of p over the kept pairs and their count [BM]. Kept: equal tokens, j < i (STRICT) or j <= i,
-    inside the window, and (CHECK_KV) key j not padding."""
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, STRICT: tl.constexpr, SOFTCAP: tl.constexpr,
+               KEY_BIAS: tl.constexpr, KEY_SCALE: tl.constexpr, HAS_UNIFORM: tl.constexpr,
+               PRESCALED: tl.constexpr, PREC: tl.constexpr):
+    """Walk the sorted keys lo..hi of one query tile: (sum of p over equal visible pairs, their count)."""
     offs_d = tl.arange(0, HEAD_DIM)
-    kmask = (jpos < Sk)[:, None]
-    if D_TRUE != HEAD_DIM:
-        kmask = kmask & (offs_d[None, :] < D_TRUE)
-    k = tl.load(K_bh + jpos[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
-    p = _p_from_lse(q, k, jpos, lse2, Sk, KbKeys_b, qk_scale, cap2, bias2, uniform,
-                    SOFTCAP, KEY_BIAS, HAS_UNIFORM, PRESCALED, PREC)
-    if STRICT:
-        keep = eq & (jpos[None, :] < pos_m[:, None])
-    else:
-        keep = eq & (jpos[None, :] <= pos_m[:, None])
-    if HAS_WINDOW:
-        dist = pos_m[:, None] - jpos[None, :]
-        keep = keep & (dist < window)
-        if not CAUSAL:
-            keep = keep & (-dist < window)
-    if CHECK_KV:
-        keep = keep & (tl.load(KeyValid_b + jpos, mask=jpos < Sk, other=0) != 0)[None, :]
-    if KEY_SCALE:
-        inset = tl.load(KsKeys_b + jpos, mask=jpos < Sk, other=0) != 0
-        p = p * tl.where(inset[None, :], cs[:, None], cr[:, None])
-    return tl.sum(tl.where(keep, p, 0.0), 1), tl.sum(keep.to(tl.float32), 1)
+    acc = tl.zeros([BLOCK_M], tl.float32)
+    cnt = tl.zeros([BLOCK_M], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        idx_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = idx_n < hi
+        jpos = tl.load(PermK_b + idx_n, mask=n_ok, other=0).to(tl.int32)
+        jpos = tl.where(n_ok, jpos, Sk)  # out of range: fails every visibility test below
+        tk = tl.load(TokK_b + idx_n, mask=n_ok, other=NO_TOKEN_C)
+        kmask = n_ok[:, None]
+        if D_TRUE != HEAD_DIM:
+            kmask = kmask & (offs_d[None, :] < D_TRUE)
+        k = tl.load(K_bh + jpos[:, None] * skn + offs_d[None, :] * skd, mask=kmask, other=0.0)
+        p = _p_from_lse(q, k, jpos, lse2, Sk, KbKeys_b, qk_scale, cap2, bias2, uniform,
+                        SOFTCAP, KEY_BIAS, HAS_UNIFORM, PRESCALED, PREC)
+        keep = tq[:, None] == tk[None, :]
+        if STRICT:
+            keep = keep & (jpos[None, :] < pos_m[:, None])
+        else:
+            keep = keep & (jpos[None, :] <= pos_m[:, None])
+        if HAS_WINDOW:
+            dist = pos_m[:, None] - jpos[None, :]
+            keep = keep & (dist < window)
+            if not CAUSAL:
+                keep = keep & (-dist < window)
+        if KEY_SCALE:
+            inset = tl.load(KsKeys_b + jpos, mask=jpos < Sk, other=0) != 0
+            p = p * tl.where(inset[None, :], cs[:, None], cr[:, None])
+        acc += tl.sum(tl.where(keep, p, 0.0), 1)
+        cnt += tl.sum(keep.to(tl.float32), 1)
+    return acc, cnt
 
 
 @triton.jit
 def _pair_mass_kernel(
-    Q, K, Lse2, Coef, PermQ, TokQ, PermX, TokX, KLo, KHi, KeyValid,
-    OutM, CountM, OutN, CountN,
+    Q, K, Lse2, Coef, PermQ, TokQ,
+    Out1, Count1, PermK1, TokK1, KLo1, KHi1, Out2, Count2, PermK2, TokK2, KLo2, KHi2,
     sqb, sqh, sqm, sqd, skb, skh, skn, skd,
     H, G, Sq, Sk, OFF, qk_scale, cap2, window, n_tiles,
     KbKeys, KbBias, KsKeys, ks_bs, ks_hs, HeadMask,
     HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KV: tl.constexpr, MATCH: tl.constexpr,
-    NEXT: tl.constexpr, SOFTCAP: tl.constexpr, KEY_BIAS: tl.constexpr, KEY_SCALE: tl.constexpr,
-    HAS_ZERO: tl.constexpr, HAS_UNIFORM: tl.constexpr, PRESCALED: tl.constexpr, PREC: tl.constexpr, LEN_BUCKET,
+    CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MATCH: tl.constexpr, NEXT: tl.constexpr,
+    SOFTCAP: tl.constexpr, KEY_BIAS: tl.constexpr, KEY_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
+    HAS_UNIFORM: tl.constexpr, PRESCALED: tl.constexpr, PREC: tl.constexpr, LEN_BUCKET,
 ):
     """Grid (n_tiles, B * H). PermQ/TokQ [B, Sq]: query rows sorted by token (padded rows carry a
-    sentinel); PermX/TokX [B, Sk + 1]: the entries e sorted by X[e], the token at key e - 1
-    (NO_TOKEN_ID where that key is padding, or e = 0 has no token before it); KLo/KHi [B, n_tiles]:
-    each tile's range of sorted entries; KeyValid [B, Sk] uint8 (HAS_KV). Writes OutM / OutN
-    [B, H, Sq] = sum of p_ij over equal, visible pairs of match (key e - 1, j < i) and next_match
-    (key e, j <= i); head 0's programs also write CountM / CountN [B, Sq], the number of such pairs
-    (the same for every head). LEN_BUCKET: autotune key only."""
+    sentinel); for match (set 1: strict, j < i) and next_match (set 2: j <= i) PermK/TokK [B, Sk]:
+    keys sorted by the token they are compared with (tok_j, or tok_{j-1}; padding / no predecessor =
+    NO_TOKEN_ID), KLo/KHi [B, n_tiles]: the sorted key range of each tile. Writes Out [B, H, Sq] =
+    sum of p_ij over equal, visible pairs; head 0's programs also write Count [B, Sq], the number of
+    such pairs (the same for every head). One program does both statistics: the query rows, q and
+    the lse are loaded once. LEN_BUCKET: autotune key only."""
     u = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -116,53 +118,34 @@ def _pair_mass_kernel(
     K_bh = K + b64 * skb + hk.to(tl.int64) * skh
     KbKeys_b = KbKeys + b64 * Sk
     KsKeys_b = KsKeys + b64 * ks_bs + h.to(tl.int64) * ks_hs
-    KeyValid_b = KeyValid + b64 * Sk
-    PermX_b = PermX + b64 * (Sk + 1)
-    TokX_b = TokX + b64 * (Sk + 1)
     uniform = False
     if HAS_UNIFORM:
         uniform = tl.load(HeadMask + h) != 0
     bias2 = 0.0
     if KEY_BIAS:
         bias2 = tl.load(KbBias + h).to(tl.float32) * 1.4426950408889634
-    lo = tl.load(KLo + b64 * n_tiles + u)
-    hi = tl.load(KHi + b64 * n_tiles + u)
-    acc_m = tl.zeros([BLOCK_M], tl.float32)
-    cnt_m = tl.zeros([BLOCK_M], tl.float32)
-    acc_n = tl.zeros([BLOCK_M], tl.float32)
-    cnt_n = tl.zeros([BLOCK_M], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        idx_n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = idx_n < hi
-        e = tl.load(PermX_b + idx_n, mask=n_ok, other=0).to(tl.int32)
-        tk = tl.load(TokX_b + idx_n, mask=n_ok, other=NO_TOKEN_C)
-        eq = tq[:, None] == tk[None, :]  # a padded row's sentinel and a missing token equal nothing
-        if MATCH:
-            jm = tl.where(n_ok & (e >= 1), e - 1, Sk)  # X[e] != NO_TOKEN: key e - 1 is real
-            a, c = _pair_sums(q, eq, jm, pos_m, lse2, cs, cr, K_bh, skn, skd, KeyValid_b, KsKeys_b, KbKeys_b,
-                              Sk, qk_scale, cap2, bias2, uniform, window, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW,
-                              True, False, SOFTCAP, KEY_BIAS, KEY_SCALE, HAS_UNIFORM, PRESCALED, PREC)
-            acc_m += a
-            cnt_m += c
-        if NEXT:
-            jn = tl.where(n_ok & (e < Sk), e, Sk)  # X[e] != NO_TOKEN: key e has a real token before it
-            a, c = _pair_sums(q, eq, jn, pos_m, lse2, cs, cr, K_bh, skn, skd, KeyValid_b, KsKeys_b, KbKeys_b,
-                              Sk, qk_scale, cap2, bias2, uniform, window, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW,
-                              False, HAS_KV, SOFTCAP, KEY_BIAS, KEY_SCALE, HAS_UNIFORM, PRESCALED, PREC)
-            acc_n += a
-            cnt_n += c
+    zero = False
     if HAS_ZERO:
         zero = tl.load(HeadMask + h) != 0
-        acc_m = tl.where(zero, float("nan"), acc_m)
-        acc_n = tl.where(zero, float("nan"), acc_n)
-    if MATCH:
-        tl.store(OutM + srow, acc_m, mask=m_ok)
-        if h == 0:
-            tl.store(CountM + b64 * Sq + rows, cnt_m, mask=m_ok)
-    if NEXT:
-        tl.store(OutN + srow, acc_n, mask=m_ok)
-        if h == 0:
-            tl.store(CountN + b64 * Sq + rows, cnt_n, mask=m_ok)
+    for which in tl.static_range(2):
+        if which == 0:
+            DO = MATCH
+            OutP, CountP, PermK, TokK, KLo, KHi = Out1, Count1, PermK1, TokK1, KLo1, KHi1
+        else:
+            DO = NEXT
+            OutP, CountP, PermK, TokK, KLo, KHi = Out2, Count2, PermK2, TokK2, KLo2, KHi2
+        if DO:
+            # match: j < i (strict); next_match: j <= i.
+            acc, cnt = _pair_walk(q, tq, pos_m, lse2, cs, cr, K_bh, skn, skd, PermK + b64 * Sk, TokK + b64 * Sk,
+                                  KsKeys_b, KbKeys_b, tl.load(KLo + b64 * n_tiles + u),
+                                  tl.load(KHi + b64 * n_tiles + u), Sk, qk_scale, cap2, bias2, uniform, window,
+                                  BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW, which == 0, SOFTCAP,
+                                  KEY_BIAS, KEY_SCALE, HAS_UNIFORM, PRESCALED, PREC)
+            if HAS_ZERO:
+                acc = tl.where(zero, float("nan"), acc)
+            tl.store(OutP + srow, acc, mask=m_ok)
+            if h == 0:
+                tl.store(CountP + b64 * Sq + rows, cnt, mask=m_ok)
 
 
 @triton.jit
@@ -213,28 +196,28 @@ def sort_rows(tok_q: torch.Tensor):
 
 
 def pair_plan(perm_q: torch.Tensor, sorted_q: torch.Tensor, tok_k: torch.Tensor, block_m: int, causal: bool,
-              off: int | None = None):
+              sorted_keys: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Sorted keys and each query tile's key range, all on the device (no host sync).
 
-    perm_q / sorted_q from `sort_rows` (padded rows carry _Q_SENTINEL), tok_k [B, Nk] int32 the
-    token of each key or entry (`entry_tokens`); query row r sits at position off + r (default
-    Nk - Sq), compared with the key / entry index. Rows and keys are in (token, position) order, so
-    under causal masking a tile's range can stop at its last row's (token, position): later keys of
-    that token are in every row's future, and no row of the tile holds a larger token. Returns
-    (perm_k, sorted_k, k_lo, k_hi): perm_k int64 as torch.sort gives it, ranges int32 [B, n_tiles].
-    The walk is (k_hi - k_lo).sum() * block_m slots.
+    perm_q / sorted_q from `sort_rows` (padded rows carry _Q_SENTINEL), tok_k [B, Sk] int32; query
+    row r sits at key position Sk - Sq + r. Rows and keys are in (token, position) order, so under
+    causal masking a tile's range can stop at its last row's (token, position): later keys of that
+    token are in every row's future, and no row of the tile holds a larger token. `sorted_keys`
+    (perm_k, sorted_k): tok_k already sorted (the query sort, when queries and keys are the same
+    tokens). Returns (perm_q, sorted_q, perm_k, sorted_k, k_lo, k_hi): perms int64 as torch.sort
+    gives them, ranges int32 [B, n_tiles]. The walk is (k_hi - k_lo).sum() * block_m slots.
     """
     B, Sq = sorted_q.shape
-    Nk = tok_k.shape[1]
-    perm_k, sorted_k = sort_rows(tok_k)
+    Sk = tok_k.shape[1]
+    perm_k, sorted_k = sorted_keys if sorted_keys is not None else sort_rows(tok_k)
     n_tiles = triton.cdiv(Sq, block_m)
     k_lo = torch.empty(B, n_tiles, dtype=torch.int32, device=sorted_q.device)
     k_hi = torch.empty_like(k_lo)
     block_t = 64
     _pair_ranges_kernel[(triton.cdiv(n_tiles, block_t), B)](
-        sorted_q, perm_q, sorted_k, perm_k, k_lo, k_hi, Sq, Nk, Nk - Sq if off is None else off, n_tiles,
-        max(1, Nk.bit_length()), BLOCK_M=block_m, BLOCK_T=block_t, CAUSAL=causal)
-    return perm_k, sorted_k, k_lo, k_hi
+        sorted_q, perm_q, sorted_k, perm_k, k_lo, k_hi, Sq, Sk, Sk - Sq, n_tiles, max(1, Sk.bit_length()),
+        BLOCK_M=block_m, BLOCK_T=block_t, CAUSAL=causal)
+    return perm_q, sorted_q, perm_k, sorted_k, k_lo, k_hi
 
 
 def query_tokens(tok: torch.Tensor, key_valid: torch.Tensor | None, Sq: int) -> torch.Tensor:
@@ -245,12 +228,8 @@ def query_tokens(tok: torch.Tensor, key_valid: torch.Tensor | None, Sq: int) -> 
     return tq.contiguous()
 
 
-def entry_tokens(tok: torch.Tensor, key_valid: torch.Tensor | None, before_first: torch.Tensor | None) -> torch.Tensor:
-    """[B, Sk + 1] X: X[e] = the token at key e - 1, NO_TOKEN_ID (equal to no query) where that key
-    is padding; X[0] = before_first [B] (the token before key 0, NO_TOKEN_ID for none), or none."""
-    B = tok.shape[0]
-    x = torch.empty(B, tok.shape[1] + 1, dtype=tok.dtype, device=tok.device)
-    x[:, 0] = NO_TOKEN_ID if before_first is None else before_first
-    x[:, 1:] = tok if key_valid is None else torch.where(key_valid.to(tok.device), tok,
-                                                            torch.full_like(tok, NO_TOKEN_ID))
-    return x
+def key_tokens(tok: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
+    """[B, Sk] token compared at each key; padded keys get NO_TOKEN_ID (equal to no query)."""
+    if key_valid is None:
+        return tok.contiguous()
+    return torch.where(key_valid.to(tok.device), tok, torch.full_like(tok, NO_TOKEN_ID)).contiguous()

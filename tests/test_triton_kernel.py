@@ -621,8 +621,7 @@ def test_pair_plan_ranges_match_searchsorted():
         tok = torch.randint(0, vocab, (2, Sk), generator=g, dtype=torch.int32)
         tq = tok[:, Sk - Sq:].contiguous()
         tq[0, :5] = -2147483647  # padded query rows carry the sentinel
-        perm_q, sorted_q = sort_rows(tq)
-        perm_k, sorted_k, k_lo, k_hi = pair_plan(perm_q, sorted_q, tok, bm, causal)
+        perm_q, sorted_q, perm_k, sorted_k, k_lo, k_hi = pair_plan(*sort_rows(tq), tok, bm, causal)
         ck = sorted_k.long() * (Sk + 1) + perm_k
         first = torch.arange(0, Sq, bm)
         last = torch.clamp(first + bm - 1, max=Sq - 1)
