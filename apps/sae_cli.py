@@ -77,7 +77,7 @@ def _load(args):
 def cmd_train(args) -> int:
     from headscope.sae.activations import ActivationStore, collect, site_dim
     from headscope.sae.architectures import SAEConfig
-    from headscope.sae.corpus import corpus_texts, load_texts, packed_batches
+    from headscope.sae.corpus import corpus_texts, packed_batches
     from headscope.sae.metrics import reconstruction_metrics
     from headscope.sae.saelens_format import save_sae
     from headscope.sae.train import TrainConfig, new_sae, train
@@ -93,8 +93,8 @@ def cmd_train(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise CLIError(f"{out} is not empty; pick a new --out or pass --resume (nothing was overwritten).")
-    if args.corpus is not None:
-        load_texts(args.corpus)  # fail on an empty / non-text corpus before loading the model
+    # read now: an empty / non-text corpus fails before the model loads
+    texts = corpus_texts(args.corpus, seed=args.seed, split="all" if args.corpus is None else "train")
     model = _load(args)
     model.meta.check_layer(args.layer)
     d_in = site_dim(model.meta, args.site)
@@ -118,7 +118,6 @@ def cmd_train(args) -> int:
                            f"(cached, asked): {diff}; use another --acts-dir or delete this one.")
     else:
         bos = model.tokenizer.bos_token_id
-        texts = corpus_texts(args.corpus, seed=args.seed, split="all" if args.corpus is None else "train")
         rows = packed_batches(model.tokenizer, texts, seq_len=args.seq_len, batch_size=args.model_batch, bos_id=bos)
         store = ActivationStore(d_in=d_in, shard_tokens=min(65536, args.tokens), spill_dir=acts)
         store = collect(model, args.layer, args.site, rows, args.tokens, store=store, progress=not args.quiet)
@@ -141,15 +140,13 @@ def cmd_eval(args) -> int:
     import torch
 
     from headscope.sae.activations import site_dim, stream_activations
-    from headscope.sae.corpus import corpus_texts, load_texts, packed_batches, split_documents
+    from headscope.sae.corpus import corpus_texts, packed_batches
     from headscope.sae.metrics import ce_loss_recovered, head_attribution, reconstruction_metrics, top_activating
     from headscope.sae.saelens_format import load_sae
 
     d = Path(args.dir)
     split = "all" if args.corpus is None else args.split
-    if split == "held_out" and not split_documents(load_texts(args.corpus))[1]:
-        raise CLIError(f"{args.corpus} has a single distinct document, so `sae train` held nothing out of it; "
-                       "evaluate on another file with --split all.")
+    texts = corpus_texts(args.corpus, seed=12345, split=split)  # read now: bad input fails before the model loads
     sae = load_sae(d)
     model = _load(args)
     c = sae.cfg
@@ -160,8 +157,8 @@ def cmd_eval(args) -> int:
     if site_dim(model.meta, c.site) != c.d_in:
         raise CLIError(f"{d} reads {c.site} vectors of {c.d_in} dimensions; {model.meta.name} layer {c.layer} has "
                        f"{site_dim(model.meta, c.site)}: load the model it was trained on.")
-    rows = packed_batches(model.tokenizer, corpus_texts(args.corpus, seed=12345, split=split), seq_len=args.seq_len,
-                          batch_size=args.model_batch, bos_id=model.tokenizer.bos_token_id)
+    rows = packed_batches(model.tokenizer, texts, seq_len=args.seq_len, batch_size=args.model_batch,
+                          bos_id=model.tokenizer.bos_token_id)
     batches = [b for _, b in zip(range(args.batches), rows)]
     rec = reconstruction_metrics(sae, stream_activations(model, c.layer, c.site, batches))
     res = {"corpus": args.corpus or "embedded (seed 12345)", "split": split}

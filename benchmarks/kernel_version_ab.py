@@ -42,8 +42,9 @@ def child(dims, seqs) -> None:
             for tag, req, kw in (("b", every, dict(token_ids=tok, keyset=kset)), ("b_notok", no_tokens, dict(keyset=kset))):
                 fn = lambda req=req, kw=kw: ta.attention_triton(q, k, v, causal=True, request=req, **kw)  # noqa: E731
                 fn()
+                if tag == "b":  # the match path (b) took; b_notok has no token statistics
+                    row["path"] = "/".join(sorted(set(ta.last_match_paths.values())))
                 row[tag] = timeit(fn)
-                row["path"] = "/".join(sorted(set(ta.last_match_paths.values())))
 
             def flash():
                 with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):

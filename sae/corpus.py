@@ -199,7 +199,8 @@ def split_documents(docs: list[str]) -> tuple[list[str], list[str]]:
 def corpus_texts(path: str | Path | None = None, *, seed: int = 0, text_field: str = "text",
                  split: str = "all") -> Iterator[str]:
     """Endless document stream: the user corpus cycled (epoch e shuffled with seed + e), or the
-    embedded default when path is None.
+    embedded default when path is None. The corpus is read, and bad input refused, at the call, not
+    at the first document.
 
     split: "all", or "train" / "held_out" (`split_documents`) of a user corpus: `sae train` reads
     "train" and `sae eval` "held_out". The embedded default is procedural and has no held-out part
@@ -210,14 +211,18 @@ def corpus_texts(path: str | Path | None = None, *, seed: int = 0, text_field: s
     if path is None:
         if split != "all":
             raise CorpusError("the embedded corpus has no held-out split; pass split='all' (and a different seed).")
-        yield from default_corpus(seed=seed)
-        return
+        return default_corpus(seed=seed)
     docs = load_texts(path, text_field=text_field)
     if split != "all":
         train, held = split_documents(docs)
         if split == "held_out" and not held:
-            raise CorpusError(f"corpus {path} has a single distinct document: nothing can be held out of training.")
+            raise CorpusError(f"corpus {path} has a single distinct document: nothing can be held out of training; "
+                              "evaluate on all of it (split='all', `sae eval --split all`).")
         docs = train if split == "train" else held
+    return _cycle(docs, seed)
+
+
+def _cycle(docs: list[str], seed: int) -> Iterator[str]:
     epoch = 0
     while True:
         order = list(range(len(docs)))
