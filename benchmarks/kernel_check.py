@@ -121,6 +121,7 @@ def check_case(c: dict, seed: int) -> dict:
     sync()
     t_ours = time.perf_counter() - t0
     paths = dict(ta.last_match_paths)
+    hot = ta.last_hot_tokens
     ta.MATCH_PATH = "auto"
     rkw = dict(kw)
     rkw["key_valid"] = rkw.pop("attention_mask", None)
@@ -132,7 +133,7 @@ def check_case(c: dict, seed: int) -> dict:
     sync()
     t_ref = time.perf_counter() - t0
     res = {"case": c["name"], "seed": seed, "t_ours_s": t_ours, "t_ref_s": t_ref, "fail": [],
-           "match_path": "/".join(sorted(set(paths.values()))) or "-"}
+           "match_path": ("/".join(sorted(set(paths.values()))) or "-") + (f"+hot{hot}" if hot else "")}
     tol_out = 1e-4 if c.get("dtype") == torch.float32 else 1e-2
     tol_mass = 1e-4 if c.get("dtype") == torch.float32 else 2e-3
     o = out.float()
@@ -215,6 +216,8 @@ CASES = [
     dict(name="bf16 d64 decode Sq=1 Sk=32k", B=2, H=8, Hkv=2, Sq=1, Sk=32768, D=64),
     dict(name="bf16 d128 decode window 4k, keys dropped, S=32k", B=2, H=8, Hkv=2, Sq=1, Sk=32768, D=128,
          window=4096, drop=True, pad="left", vocab="zipf"),
+    dict(name="bf16 d64 zipf50k left pad GQA S=8k (hot tokens + pair pass)", B=2, H=4, Hkv=2, Sq=8192, Sk=8192,
+         D=64, vocab="zipf", pad="left", match_path="sparse"),
     dict(name="bf16 d64 chunk window 1k, keys dropped, S=8k", B=2, H=4, Hkv=2, Sq=100, Sk=8192, D=64,
          window=1000, drop=True, vocab="zipf", match_path="sparse"),
     # B x H = 65,568 > 65,535 (CUDA's grid-axis-1 limit): run in two batch slices.

@@ -27,7 +27,7 @@ from headscope.kernels.triton_forward import _attn_fwd  # noqa: E402
 PTR = {"Q": "*bf16", "K": "*bf16", "V": "*bf16", "Out": "*bf16", "KeyValid": "*u8", "Tok": "*i32",
        "PrevTok": "*i32", "Keyset": "*fp32", "KeyW": "*bf16", "KsKeys": "*u8", "KsBeta": "*fp32",
        "KbKeys": "*u8", "KbBias": "*fp32", "HeadMask": "*u8", "First": "*i32", "Offs": "*i32",
-       "AmaxO": "*i64"}
+       "AmaxO": "*i64", "HotIdx": "*i32"}
 ONE = {"sqd", "skd", "svd", "G"}  # == 1 on the benchmark shapes: specialised away by the JIT
 INTS = {"H", "Sq", "Sk", "OFF", "LEN_BUCKET", "window", "sink_k"}
 
@@ -38,6 +38,8 @@ VARIANTS = {
     "top1": dict(LSE=True, ENT=True, TOPK=1, FAST_TOP1=True),
     "sinkoff": dict(LSE=True, ENT=True, TOPK=1, FAST_TOP1=True, SINK=True, NOFF=1),
     "all": dict(LSE=True, ENT=True, TOPK=1, FAST_TOP1=True, SINK=True, NOFF=1, KEYSET=True, SAVE_LSE=True),
+    "all_hot": dict(LSE=True, ENT=True, TOPK=1, FAST_TOP1=True, SINK=True, NOFF=1, KEYSET=True, SAVE_LSE=True,
+                    HOT_M=True, HOT_N=True),
     "all_dense": dict(LSE=True, ENT=True, TOPK=1, FAST_TOP1=True, SINK=True, NOFF=1, KEYSET=True,
                       MATCH=True, NEXT=True),
 }
@@ -51,7 +53,8 @@ def compile_fwd(flags: dict, bm: int, bn: int, warps: int, stages: int, dim: int
     base = dict(HEAD_DIM=dim, D_TRUE=dim, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=True, HAS_WINDOW=False, HAS_KV=False,
                 SOFTCAP=False, KEY_BIAS=False, KEY_SCALE=False, HAS_ZERO=False, HAS_UNIFORM=False, LSE=False,
                 ENT=False, TOPK=0, KPAD=2, SINK=False, NOFF=0, MATCH=False, NEXT=False,
-                KEYSET=False, KW=16, SAVE_LSE=False, PREC="tf32", PRESCALED=False, FAST_TOP1=False, HEAVY=0)
+                KEYSET=False, KW=16, SAVE_LSE=False, PREC="tf32", PRESCALED=False, FAST_TOP1=False, HEAVY=0,
+                HOT_M=False, HOT_N=False, N_HOT=7)
     base.update(flags)
     names = fn.arg_names
     sig, const, attrs = {}, {}, {}

@@ -44,6 +44,7 @@ def child(dims, seqs) -> None:
                 fn()
                 if tag == "b":  # the match path (b) took; b_notok has no token statistics
                     row["path"] = "/".join(sorted(set(ta.last_match_paths.values())))
+                    row["path"] += f"+hot{ta.last_hot_tokens}" if getattr(ta, "last_hot_tokens", 0) else ""
                 row[tag] = timeit(fn)
 
             def flash():

@@ -26,7 +26,8 @@ from .errors import BackwardNotSupportedError, KernelInputError
 from .stats import StatsRequest
 from .triton_colsum import _colsum_kernel
 from .triton_forward import LOG2E, NO_TOKEN_ID, _attn_fwd, _match_counts
-from .triton_match_pairs import _pair_mass_kernel, key_tokens, pair_plan, query_tokens, sort_rows
+from .token_columns import N_HOT, hot_counts, hot_key_columns, hot_row_index, hot_tokens
+from .triton_match_pairs import _Q_SENTINEL, _pair_mass_kernel, key_tokens, pair_plan, query_tokens, sort_rows
 
 MAX_TOPK = 16
 MAX_OFFSETS = 32
@@ -101,6 +102,7 @@ _fwd_tuned = triton.autotune(
 _pair_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn}, num_warps=4, num_stages=st) for bn in (32, 64) for st in (2, 3, 4)],
     key=["HEAD_DIM", "PREC", "MATCH", "NEXT", "LEN_BUCKET"],
+    restore_value=["Out1", "Out2"],  # ADD: each timed run adds to the forward's masses
 )(_pair_mass_kernel) if not _interpreting() else None
 _colsum_tuned = triton.autotune(
     configs=_configs(_COLSUM_CONFIGS), key=["HEAD_DIM", "PREC", "LEN_BUCKET"],
@@ -129,6 +131,11 @@ KEEP_COLSUM_LAUNCH = False
 MATCH_PATH = "auto"
 DENSE_MATCH_MAX_SCORES = 650_000_000
 last_match_paths: dict[str, str] = {}
+# On the pair path, with keyset_mass on the tensor cores (its key-weight product runs anyway), causal
+# and without key_scale: the HOT_TOKENS most frequent tokens of each sequence ride in the key-weight
+# tile's spare columns and their rows leave the pair pass (`token_columns.py`). 0 turns it off (A/B).
+HOT_TOKENS = N_HOT
+last_hot_tokens = 0  # hot tokens of the last call (0: none), for tests and benchmarks
 last_colsum_launch = None
 
 
@@ -343,6 +350,10 @@ def _attention_call(
     # Token statistics go to the sparse pair pass (plans queued on the device: nothing here syncs).
     plans: dict[str, tuple] = {}
     last_match_paths.clear()
+    global last_hot_tokens
+    last_hot_tokens = 0
+    hot_count: dict[str, torch.Tensor] = {}
+    hot_row = torch.empty(1, dtype=torch.int32, device=dev)
     wanted = [n for n, w in (("match_mass", request.match), ("next_match_mass", request.next_match)) if w]
     dense_auto = MATCH_PATH == "auto" and B * H * Sq * Sk <= DENSE_MATCH_MAX_SCORES
     if wanted and (Sq == 0 or MATCH_PATH == "dense" or dense_auto):
@@ -350,13 +361,26 @@ def _attention_call(
     elif wanted:
         tq = query_tokens(tok, key_valid, Sq)
         sq = sort_rows(tq)
+        sq_plan = sq
         bm = _pair_tiles(interp)[0]
+        key_tok = {"match_mass": key_tokens(tok, key_valid),
+                   "next_match_mass": key_tokens(prev_tok, key_valid) if request.next_match else None}
+        if 0 < HOT_TOKENS and 1 + 2 * HOT_TOKENS <= key_w and request.keyset and keyset_tc and causal \
+                and key_scale is None:
+            hot = hot_tokens(sq[1], HOT_TOKENS)
+            hot_row = hot_row_index(tq, hot)
+            for i, name in enumerate(("match_mass", "next_match_mass")):
+                if name in wanted:
+                    cols = hot_key_columns(key_tok[name], hot)
+                    kset[:, :, 1 + i * HOT_TOKENS:1 + (i + 1) * HOT_TOKENS] = cols.to(kset.dtype)
+                    hot_count[name] = hot_counts(cols, hot_row, Sk, window, strict=name == "match_mass")
+            # hot rows leave the walk: as padded rows do, they carry the sentinel, which no key equals
+            sq_plan = sort_rows(torch.where(hot_row >= 0, _Q_SENTINEL, tq))
+            last_hot_tokens = HOT_TOKENS
         for name in wanted:
             # Without padding and with Sq == Sk the match keys are the query tokens: one sort serves both.
             same = name == "match_mass" and key_valid is None and Sq == Sk
-            plans[name] = pair_plan(*sq, tq if same else key_tokens(tok if name == "match_mass" else prev_tok,
-                                                                    key_valid),
-                                    bm, bool(causal), sorted_keys=sq if same else None)
+            plans[name] = pair_plan(*sq_plan, key_tok[name], bm, bool(causal), sorted_keys=sq if same else None)
             last_match_paths[name] = "sparse"
     save_lse = request.colsum or bool(plans)
     lse2_int = empty(B, H, Sq) if save_lse else dummy_f
@@ -386,12 +410,13 @@ def _attention_call(
         q, k, v, out, *q.stride(), *k.stride(), *v.stride(),
         H, G, Sq, Sk, OFF, qk_scale, cap2, int(window or 0), int(request.sink_k),
         kv_u8, tok, prev_tok, kset, ks_keys, *ks_strides, ks_beta, kb_keys, kb_bias, hmask, first, offs,
-        lse_o, ent_o, amax_o, mprob_o, sink_o, off_o, match_o, next_o, kset_o, lse2_int, coef_int,
+        lse_o, ent_o, amax_o, mprob_o, sink_o, off_o, match_o, next_o, kset_o, lse2_int, coef_int, hot_row,
     )
     fwd_flags = dict(
         flags, LSE=request.lse, ENT=request.entropy, TOPK=topk, KPAD=max(2, _next_pow2(max(topk, 1))),
         FAST_TOP1=(topk == 1 and key_scale is None), SINK=request.sink_k > 0, NOFF=noff,
         MATCH=dense_match, NEXT=dense_next, KEYSET=request.keyset, KW=key_w, SAVE_LSE=save_lse,
+        HOT_M="match_mass" in hot_count, HOT_N="next_match_mass" in hot_count, N_HOT=max(HOT_TOKENS, 1),
     )
     # Short query blocks (decoding, Sq < 64) would waste most of a 128-row tile: fixed small tiles.
     if interp or Sq < 64:
@@ -415,20 +440,23 @@ def _attention_call(
             else:
                 sets.append((dummy_f, dummy_f, tok, tok, tok, tok))
         n_tiles = triton.cdiv(Sq, _pair_tiles(interp)[0])
-        # Both plans sort the same query rows (sq): one (perm_q, sorted_q) serves both statistics.
-        pair_args = (q, k, lse2_int, coef_int, *sq, *sets[0], *sets[1],
+        # Both plans sort the same query rows (sq_plan): one (perm_q, sorted_q) serves both statistics.
+        pair_args = (q, k, lse2_int, coef_int, *sq_plan, *sets[0], *sets[1],
                      *q.stride(), *k.stride(), H, G, Sq, Sk, OFF, qk_scale, cap2, int(window or 0), n_tiles,
                      kb_keys, kb_bias, ks_keys, *ks_strides, hmask)
         pair_flags = dict(
             HEAD_DIM=HEAD_DIM, D_TRUE=D, BLOCK_M=_pair_tiles(interp)[0], CAUSAL=bool(causal),
             HAS_WINDOW=window is not None, MATCH="match_mass" in plans, NEXT="next_match_mass" in plans,
             SOFTCAP=softcap is not None, KEY_BIAS=key_bias is not None, KEY_SCALE=key_scale is not None,
-            HAS_ZERO=has_zero, HAS_UNIFORM=has_uniform, PRESCALED=prescaled, PREC=prec, LEN_BUCKET=bucket)
+            HAS_ZERO=has_zero, HAS_UNIFORM=has_uniform, PRESCALED=prescaled, PREC=prec, ADD=bool(hot_count),
+            LEN_BUCKET=bucket)
         if interp:
             _pair_mass_kernel[(n_tiles, B * H)](*pair_args, **pair_flags, BLOCK_N=_pair_tiles(interp)[1],
                                                 num_warps=4, num_stages=2)
         else:
             _pair_tuned[(n_tiles, B * H)](*pair_args, **pair_flags)
+        for name, c in hot_count.items():  # the walk counted 0 for the hot rows
+            counts[name] += c
 
     if dense_match or dense_next:
         # Counts of the statistics left on the dense path (the pair pass wrote its own).

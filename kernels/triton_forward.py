@@ -383,19 +383,23 @@ def _attn_fwd(
     H, G, Sq, Sk, OFF,
     qk_scale, cap2, window, sink_k,
     KeyValid, Tok, PrevTok, KeyW, KsKeys, ks_bs, ks_hs, KsBeta, KbKeys, KbBias, HeadMask, First, Offs,
-    LseO, EntO, AmaxO, MprobO, SinkO, OffO, MatchO, NextO, KsetO, Lse2Int, CoefInt,
+    LseO, EntO, AmaxO, MprobO, SinkO, OffO, MatchO, NextO, KsetO, Lse2Int, CoefInt, HotIdx,
     HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_KV: tl.constexpr, SOFTCAP: tl.constexpr,
     KEY_BIAS: tl.constexpr, KEY_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_UNIFORM: tl.constexpr,
     LSE: tl.constexpr, ENT: tl.constexpr, TOPK: tl.constexpr, KPAD: tl.constexpr,
     SINK: tl.constexpr, NOFF: tl.constexpr, MATCH: tl.constexpr,
     NEXT: tl.constexpr, KEYSET: tl.constexpr, KW: tl.constexpr, SAVE_LSE: tl.constexpr, PREC: tl.constexpr,
-    PRESCALED: tl.constexpr, FAST_TOP1: tl.constexpr, HEAVY: tl.constexpr, LEN_BUCKET,
+    PRESCALED: tl.constexpr, FAST_TOP1: tl.constexpr, HOT_M: tl.constexpr, HOT_N: tl.constexpr, N_HOT: tl.constexpr,
+    HEAVY: tl.constexpr, LEN_BUCKET,
 ):
     """Grid (cdiv(Sq, BLOCK_M), B * H). Out [B, H, Sq, D] contiguous; statistics [B, H, Sq(, n)] float32.
 
     Lse2Int [B, H, Sq]: base-2 lse for the colsum pass (+inf on rows that see nothing);
-    CoefInt [B, H, Sq, 2]: the ACT factors (set, rest) of each row. KsKeys: ACT's key set, sequence b's
+    CoefInt [B, H, Sq, 2]: the ACT factors (set, rest) of each row. HotIdx [B, Sq] (HOT_M / HOT_N): the
+    hot-token slot of each row, -1 if none; the key weights' columns 1 .. N_HOT (match) and N_HOT + 1 ..
+    2 N_HOT (next_match) hold those tokens' keys (`token_columns.py`); other rows' masses are written 0
+    for the pair pass to add to. KsKeys: ACT's key set, sequence b's
     (head h's) at KsKeys + b * ks_bs + h * ks_hs (ks_hs = 0: one set for every head).
     """
     pid_m = tl.program_id(0)
@@ -650,6 +654,21 @@ def _attn_fwd(
         kms = tl.sum(tl.where(wcol, kws, 0.0), 1)
         _store_row(KsetO + srow, _mass(km, kms, cset, crest, inv_l, KEY_SCALE), valid, zero_head, row_ok,
                    HAS_ZERO)
+    if HOT_M or HOT_N:
+        hot = tl.load(HotIdx + b64 * Sq + rows, mask=row_ok, other=-1)
+        wc = tl.arange(0, KW)[None, :]
+        if HOT_M:
+            # The column counts the row's own key (its token is u), which match (j < i) leaves out: its
+            # p is recomputed, as an offset's is. The column holds the bf16 p of P.V, this one is fp32:
+            # the difference stays within 2^-9 of (match mass + p_ii) <= 2^-9; max() keeps it >= 0.
+            p_ii = _offset_prob(Q_rows, sqd, row_ok, K_bh, skn, skd, pos_m, pos_m, lse2_p, Sk, window, KeyValid_b,
+                                KbKeys_b, qk_scale, cap2, bias2, uniform, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW,
+                                HAS_KV, SOFTCAP, KEY_BIAS, HAS_UNIFORM)
+            hm = tl.maximum(tl.sum(tl.where(wc == 1 + hot[:, None], kw, 0.0), 1) * inv_l - p_ii, 0.0)
+            _store_row(MatchO + srow, tl.where(hot >= 0, hm, 0.0), valid, zero_head, row_ok, HAS_ZERO)
+        if HOT_N:
+            hn = tl.sum(tl.where(wc == 1 + N_HOT + hot[:, None], kw, 0.0), 1)
+            _store_row(NextO + srow, tl.where(hot >= 0, hn * inv_l, 0.0), valid, zero_head, row_ok, HAS_ZERO)
 
 
 @triton.jit

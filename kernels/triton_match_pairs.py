@@ -82,7 +82,7 @@ def _pair_mass_kernel(
     HEAD_DIM: tl.constexpr, D_TRUE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, MATCH: tl.constexpr, NEXT: tl.constexpr,
     SOFTCAP: tl.constexpr, KEY_BIAS: tl.constexpr, KEY_SCALE: tl.constexpr, HAS_ZERO: tl.constexpr,
-    HAS_UNIFORM: tl.constexpr, PRESCALED: tl.constexpr, PREC: tl.constexpr, LEN_BUCKET,
+    HAS_UNIFORM: tl.constexpr, PRESCALED: tl.constexpr, PREC: tl.constexpr, ADD: tl.constexpr, LEN_BUCKET,
 ):
     """Grid (n_tiles, B * H). PermQ/TokQ [B, Sq]: query rows sorted by token (padded rows carry a
     sentinel); for match (set 1: strict, j < i) and next_match (set 2: j <= i) PermK/TokK [B, Sk]:
@@ -90,7 +90,8 @@ def _pair_mass_kernel(
     NO_TOKEN_ID), KLo/KHi [B, n_tiles]: the sorted key range of each tile. Writes Out [B, H, Sq] =
     sum of p_ij over equal, visible pairs; head 0's programs also write Count [B, Sq], the number of
     such pairs (the same for every head). One program does both statistics: the query rows, q and
-    the lse are loaded once. LEN_BUCKET: autotune key only."""
+    the lse are loaded once. ADD: Out already holds the hot-token rows' masses from the forward and 0
+    elsewhere (`token_columns.py`); the sums are added to it. LEN_BUCKET: autotune key only."""
     u = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -141,6 +142,8 @@ def _pair_mass_kernel(
                                   tl.load(KHi + b64 * n_tiles + u), Sk, qk_scale, cap2, bias2, uniform, window,
                                   BLOCK_M, BLOCK_N, HEAD_DIM, D_TRUE, CAUSAL, HAS_WINDOW, which == 0, SOFTCAP,
                                   KEY_BIAS, KEY_SCALE, HAS_UNIFORM, PRESCALED, PREC)
+            if ADD:
+                acc += tl.load(OutP + srow, mask=m_ok, other=0.0)
             if HAS_ZERO:
                 acc = tl.where(zero, float("nan"), acc)
             tl.store(OutP + srow, acc, mask=m_ok)

@@ -596,6 +596,71 @@ def test_match_with_masked_keys_between_real_ones(match_path, causal, monkeypatc
                   causal=causal, vocab=3), request=MATCH_ONLY)
 
 
+HOT_CASES = [c for c in CASES if c.values[0].get("causal", True) and not c.values[0].get("key_scale")
+             and c.values[0]["D"] <= 64 and c.values[0]["Sq"] > 1]
+
+
+@pytest.mark.parametrize("c", HOT_CASES + [_case("holes", pad="holes"), _case("tiles32x16", Sq=50, Sk=61, window=23,
+                                                                                pad="left", tiles=(32, 16)),
+                                           _case("tiles16x32", Sq=45, Sk=45, pad="mixed", tiles=(16, 32))])
+def test_hot_token_columns(c, monkeypatch):
+    """Pair path with keyset_mass on the tensor cores: the 7 most frequent tokens' match / next_match
+    come from the key-weight product's spare columns (the diagonal key taken out), the other rows from
+    the pair walk; every statistic against the reference, on rows of both kinds (12 token ids)."""
+    from headscope.kernels.token_columns import hot_row_index, hot_tokens
+    from headscope.kernels.triton_match_pairs import sort_rows
+    monkeypatch.setattr(ta, "MATCH_PATH", "sparse")
+    monkeypatch.setattr(ta, "INTERPRET_TILES", c.get("tiles", (16, 16)))
+    c = dict(c, name=c["name"] + "_hot", vocab=12)
+    run_case(c)
+    assert ta.last_hot_tokens == 7 and ta.last_match_paths["match_mass"] == "sparse"
+    tok = _inputs(c, SEED + zlib.crc32(c["name"].encode()) % 1000)[3]["token_ids"][:, c["Sk"] - c["Sq"]:].int()
+    hot_row = hot_row_index(tok, hot_tokens(sort_rows(tok)[1], 7))
+    assert (hot_row >= 0).any() and (hot_row < 0).any()
+
+
+def test_hot_token_columns_with_dropped_keys(monkeypatch):
+    """key_start (a sliding-window cache) on the hot path: counts and masses over the kept keys, the
+    previous token of key 0 a dropped key's."""
+    monkeypatch.setattr(ta, "MATCH_PATH", "sparse")
+    W, S, key_start, Sq = 9, 40, 20, 12
+    c = dict(name="hot_key_start", B=2, H=2, Hkv=1, Sq=Sq, Sk=S, D=64, window=W, vocab=9, pad="left")
+    q, k, v, kw = _inputs(c, SEED)
+    out, stats = attention(q, k[:, :, key_start:], v[:, :, key_start:], stats=ALL, backend="triton",
+                           key_start=key_start, **kw)
+    assert ta.last_hot_tokens == 7
+    ref_out, ref_stats = _reference(q, k, v, kw, ALL)
+    check(out, stats, ref_out, ref_stats, ALL, where="hot key_start")
+
+
+def test_hot_tokens_are_the_most_frequent():
+    """hot_tokens against collections.Counter: the n most frequent query tokens, padded rows never,
+    the sentinel in slots past the distinct tokens; hot_row_index finds each row's slot."""
+    from collections import Counter
+
+    from headscope.kernels.token_columns import hot_row_index, hot_tokens
+    from headscope.kernels.triton_match_pairs import _Q_SENTINEL, sort_rows
+    g = torch.Generator().manual_seed(SEED)
+    tok = torch.randint(0, 30, (3, 200), generator=g, dtype=torch.int32)
+    tok[0, :50] = _Q_SENTINEL  # padded rows: the most frequent "token" of row 0, never hot
+    tok[2] = torch.tensor([5, 9, 5, 2] * 50, dtype=torch.int32)  # three distinct tokens
+    hot = hot_tokens(sort_rows(tok)[1], 7)
+    for b in range(3):
+        counts = Counter(t for t in tok[b].tolist() if t != _Q_SENTINEL)
+        got = [t for t in hot[b].tolist() if t != _Q_SENTINEL]
+        assert len(got) == min(7, len(counts)) and len(set(got)) == len(got)
+        kth = sorted(counts.values(), reverse=True)[len(got) - 1]
+        assert all(counts[t] >= kth for t in got) and all(counts[t] <= kth for t in counts if t not in got)
+    assert sorted(hot[2, :3].tolist()) == [2, 5, 9] and (hot[2, 3:] == _Q_SENTINEL).all()
+    row = hot_row_index(tok, hot)
+    for b in range(3):
+        for i in range(200):
+            t = tok[b, i].item()
+            assert (row[b, i].item() >= 0) == (t in hot[b].tolist() and t != _Q_SENTINEL)
+            if row[b, i] >= 0:
+                assert hot[b, row[b, i]].item() == t
+
+
 def test_match_path_auto_and_agreement(monkeypatch):
     """auto takes the in-loop dense path up to DENSE_MATCH_MAX_SCORES scores (B x H x Sq x Sk) and the
     pair pass above, for text-like ids and for one repeated token (its sorted walk is then the dense
