@@ -49,25 +49,34 @@ def hot_row_index(tok_q: torch.Tensor, hot: torch.Tensor) -> torch.Tensor:
     return torch.where(eq.any(2), eq.int().argmax(2), -1).to(torch.int32)
 
 
-def hot_key_columns(key_tok: torch.Tensor, hot: torch.Tensor) -> torch.Tensor:
-    """[B, Sk, n_hot] bool: key j's compared token (tok_j for match, tok_{j-1} for next_match, with
-    NO_TOKEN_ID on padding, as `key_tokens` gives it) equals hot token u."""
-    return key_tok[:, :, None] == hot[:, None, :]
+def fill_hot_columns(key_weights: torch.Tensor, key_tok: dict[str, torch.Tensor], hot: torch.Tensor) -> None:
+    """Write the hot tokens' key columns into key_weights [B, Sk, 16] (column 0, the key set, stays):
+    columns 1 .. n_hot for match (key j's token is u), n_hot + 1 .. 2 n_hot for next_match (key j's
+    previous token is u). key_tok: the compared token of each key per statistic (NO_TOKEN_ID on
+    padding, as `key_tokens` gives it); a statistic not in it keeps zero columns."""
+    n_hot = hot.shape[1]
+    for i, name in enumerate(("match_mass", "next_match_mass")):
+        if name in key_tok:
+            key_weights[:, :, 1 + i * n_hot:1 + (i + 1) * n_hot] = key_tok[name][:, :, None] == hot[:, None, :]
 
 
-def hot_counts(cols: torch.Tensor, row_hot: torch.Tensor, Sk: int, window: int | None, strict: bool) -> torch.Tensor:
-    """[B, Sq] float32: visible keys j in column row_hot[i] for query row i at position Sk - Sq + i
-    (j < i for match, j <= i for next_match, within the causal window); 0 on rows that are not hot.
-    cols [B, Sk, n_hot] from `hot_key_columns` (padded keys are already false)."""
-    B, Sq = row_hot.shape
-    n_hot = cols.shape[2]
-    pre = F.pad(cols.to(torch.int32).cumsum(1, dtype=torch.int32), (0, 0, 1, 0))  # pre[:, j] = sum over keys < j
-    pos = torch.arange(Sk - Sq, Sk, device=cols.device)
-    hi = pos if strict else pos + 1
+def hot_counts(key_weights: torch.Tensor, row_hot: torch.Tensor, n_hot: int, window: int | None) -> dict:
+    """{"match_mass", "next_match_mass"}: [B, Sq] float32 visible keys in each hot row's column (j < i
+    for match, j <= i for next_match, within the causal window), 0 on rows that are not hot; query
+    row i sits at position Sk - Sq + i. One prefix sum over the columns of `fill_hot_columns`
+    (padded keys are already 0 there; float32 sums of 0 / 1 are exact up to 2^24 keys)."""
+    B, Sk = key_weights.shape[:2]
+    Sq = row_hot.shape[1]
+    pre = F.pad(key_weights[:, :, 1:1 + 2 * n_hot].float().cumsum(1), (0, 0, 1, 0))  # pre[:, j]: keys < j
+    pos = torch.arange(Sk - Sq, Sk, device=pre.device)
     lo = (pos - window + 1).clamp(min=0) if window is not None else torch.zeros_like(pos)
 
-    def at(j):
-        rows = pre.gather(1, j.view(1, Sq, 1).expand(B, Sq, n_hot))
-        return rows.gather(2, row_hot.clamp(min=0).long()[:, :, None])[:, :, 0]
+    def rows(j):
+        return pre.gather(1, j.view(1, Sq, 1).expand(B, Sq, 2 * n_hot))
 
-    return torch.where(row_hot >= 0, at(hi) - at(lo), 0).float()
+    u = row_hot.clamp(min=0).long()[:, :, None]
+    before = rows(lo)
+    is_hot = row_hot >= 0
+    match = (rows(pos) - before).gather(2, u)[:, :, 0]
+    nxt = (rows(pos + 1) - before).gather(2, u + n_hot)[:, :, 0]
+    return {"match_mass": torch.where(is_hot, match, 0.0), "next_match_mass": torch.where(is_hot, nxt, 0.0)}

@@ -26,7 +26,7 @@ from .errors import BackwardNotSupportedError, KernelInputError
 from .stats import StatsRequest
 from .triton_colsum import _colsum_kernel
 from .triton_forward import LOG2E, NO_TOKEN_ID, _attn_fwd, _match_counts
-from .token_columns import N_HOT, hot_counts, hot_key_columns, hot_row_index, hot_tokens
+from .token_columns import N_HOT, fill_hot_columns, hot_counts, hot_row_index, hot_tokens
 from .triton_match_pairs import _Q_SENTINEL, _pair_mass_kernel, key_tokens, pair_plan, query_tokens, sort_rows
 
 MAX_TOPK = 16
@@ -363,17 +363,13 @@ def _attention_call(
         sq = sort_rows(tq)
         sq_plan = sq
         bm = _pair_tiles(interp)[0]
-        key_tok = {"match_mass": key_tokens(tok, key_valid),
-                   "next_match_mass": key_tokens(prev_tok, key_valid) if request.next_match else None}
+        key_tok = {n: key_tokens(tok if n == "match_mass" else prev_tok, key_valid) for n in wanted}
         if 0 < HOT_TOKENS and 1 + 2 * HOT_TOKENS <= key_w and request.keyset and keyset_tc and causal \
                 and key_scale is None:
             hot = hot_tokens(sq[1], HOT_TOKENS)
             hot_row = hot_row_index(tq, hot)
-            for i, name in enumerate(("match_mass", "next_match_mass")):
-                if name in wanted:
-                    cols = hot_key_columns(key_tok[name], hot)
-                    kset[:, :, 1 + i * HOT_TOKENS:1 + (i + 1) * HOT_TOKENS] = cols.to(kset.dtype)
-                    hot_count[name] = hot_counts(cols, hot_row, Sk, window, strict=name == "match_mass")
+            fill_hot_columns(kset, key_tok, hot)
+            hot_count = {n: c for n, c in hot_counts(kset, hot_row, HOT_TOKENS, window).items() if n in wanted}
             # hot rows leave the walk: as padded rows do, they carry the sentinel, which no key equals
             sq_plan = sort_rows(torch.where(hot_row >= 0, _Q_SENTINEL, tq))
             last_hot_tokens = HOT_TOKENS
