@@ -113,6 +113,7 @@ def check_case(c: dict, seed: int) -> dict:
     req = c.get("request") or StatsRequest.all(topk=c.get("topk", 1), sink_k=4, offsets=(1, 2, 7), keyset=True)
     ta.POISON_OUTPUTS = True
     ta.MATCH_PATH = c.get("match_path", "auto")
+    ta.HOT_TOKENS = c.get("hot", 0)  # hot-token columns (token_columns.py): off unless the case asks
     # drop: as a sliding-window cache, hand over only the keys the window needs (key_start)
     ks = max(0, c["Sk"] - c["Sq"] - kw["window"] + 1) if c.get("drop") else 0
     sync()
@@ -122,6 +123,7 @@ def check_case(c: dict, seed: int) -> dict:
     t_ours = time.perf_counter() - t0
     paths = dict(ta.last_match_paths)
     hot = ta.last_hot_tokens
+    ta.HOT_TOKENS = 0
     ta.MATCH_PATH = "auto"
     rkw = dict(kw)
     rkw["key_valid"] = rkw.pop("attention_mask", None)
@@ -217,9 +219,9 @@ CASES = [
     dict(name="bf16 d128 decode window 4k, keys dropped, S=32k", B=2, H=8, Hkv=2, Sq=1, Sk=32768, D=128,
          window=4096, drop=True, pad="left", vocab="zipf"),
     dict(name="bf16 d64 zipf50k left pad GQA S=8k (hot tokens + pair pass)", B=2, H=4, Hkv=2, Sq=8192, Sk=8192,
-         D=64, vocab="zipf", pad="left", match_path="sparse"),
+         D=64, vocab="zipf", pad="left", match_path="sparse", hot=7),
     dict(name="bf16 d64 chunk window 1k, keys dropped, S=8k", B=2, H=4, Hkv=2, Sq=100, Sk=8192, D=64,
-         window=1000, drop=True, vocab="zipf", match_path="sparse"),
+         window=1000, drop=True, vocab="zipf", match_path="sparse", hot=7),
     # B x H = 65,568 > 65,535 (CUDA's grid-axis-1 limit): run in two batch slices.
     dict(name="bf16 d64 decode B*H>65535 pad Sk=256", B=2049, H=32, Hkv=8, Sq=1, Sk=256, D=64, pad="left",
          vocab="zipf"),

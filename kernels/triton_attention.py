@@ -26,7 +26,7 @@ from .errors import BackwardNotSupportedError, KernelInputError
 from .stats import StatsRequest
 from .triton_colsum import _colsum_kernel
 from .triton_forward import LOG2E, NO_TOKEN_ID, _attn_fwd, _match_counts
-from .token_columns import N_HOT, fill_hot_columns, hot_counts, hot_row_index, hot_tokens
+from .token_columns import fill_hot_columns, hot_counts, hot_row_index, hot_tokens
 from .triton_match_pairs import _Q_SENTINEL, _pair_mass_kernel, key_tokens, pair_plan, query_tokens, sort_rows
 
 MAX_TOPK = 16
@@ -101,7 +101,7 @@ _fwd_tuned = triton.autotune(
 # at 4k: 0.23 ms per statistic with one 64-key stage), so deeper pipelines are tried.
 _pair_tuned = triton.autotune(
     configs=[triton.Config({"BLOCK_N": bn}, num_warps=4, num_stages=st) for bn in (32, 64) for st in (2, 3, 4)],
-    key=["HEAD_DIM", "PREC", "MATCH", "NEXT", "LEN_BUCKET"],
+    key=["HEAD_DIM", "PREC", "MATCH", "NEXT", "ADD", "LEN_BUCKET"],
     restore_value=["Out1", "Out2"],  # ADD: each timed run adds to the forward's masses
 )(_pair_mass_kernel) if not _interpreting() else None
 _colsum_tuned = triton.autotune(
@@ -133,8 +133,10 @@ DENSE_MATCH_MAX_SCORES = 650_000_000
 last_match_paths: dict[str, str] = {}
 # On the pair path, with keyset_mass on the tensor cores (its key-weight product runs anyway), causal
 # and without key_scale: the HOT_TOKENS most frequent tokens of each sequence ride in the key-weight
-# tile's spare columns and their rows leave the pair pass (`token_columns.py`). 0 turns it off (A/B).
-HOT_TOKENS = N_HOT
+# tile's spare columns and their rows leave the pair pass (`token_columns.py`; its N_HOT = 7 fits the
+# tile). Off (0) until it is timed on the GPU (KERNEL_NOTES log 42: correct under the interpreter,
+# not yet measured; `benchmarks/kernel_switch_ab.py --set HOT_TOKENS=0,7` is the measurement).
+HOT_TOKENS = 0
 last_hot_tokens = 0  # hot tokens of the last call (0: none), for tests and benchmarks
 last_colsum_launch = None
 
@@ -412,7 +414,7 @@ def _attention_call(
         flags, LSE=request.lse, ENT=request.entropy, TOPK=topk, KPAD=max(2, _next_pow2(max(topk, 1))),
         FAST_TOP1=(topk == 1 and key_scale is None), SINK=request.sink_k > 0, NOFF=noff,
         MATCH=dense_match, NEXT=dense_next, KEYSET=request.keyset, KW=key_w, SAVE_LSE=save_lse,
-        HOT_M="match_mass" in hot_count, HOT_N="next_match_mass" in hot_count, N_HOT=max(HOT_TOKENS, 1),
+        HOT_M="match_mass" in hot_count, HOT_N="next_match_mass" in hot_count, N_HOT=HOT_TOKENS if hot_count else 1,
     )
     # Short query blocks (decoding, Sq < 64) would waste most of a 128-row tile: fixed small tiles.
     if interp or Sq < 64:

@@ -610,6 +610,7 @@ def test_hot_token_columns(c, monkeypatch):
     from headscope.kernels.token_columns import hot_row_index, hot_tokens
     from headscope.kernels.triton_match_pairs import sort_rows
     monkeypatch.setattr(ta, "MATCH_PATH", "sparse")
+    monkeypatch.setattr(ta, "HOT_TOKENS", 7)
     monkeypatch.setattr(ta, "INTERPRET_TILES", c.get("tiles", (16, 16)))
     c = dict(c, name=c["name"] + "_hot", vocab=12)
     run_case(c)
@@ -623,6 +624,7 @@ def test_hot_token_columns_with_dropped_keys(monkeypatch):
     """key_start (a sliding-window cache) on the hot path: counts and masses over the kept keys, the
     previous token of key 0 a dropped key's."""
     monkeypatch.setattr(ta, "MATCH_PATH", "sparse")
+    monkeypatch.setattr(ta, "HOT_TOKENS", 7)
     W, S, key_start, Sq = 9, 40, 20, 12
     c = dict(name="hot_key_start", B=2, H=2, Hkv=1, Sq=Sq, Sk=S, D=64, window=W, vocab=9, pad="left")
     q, k, v, kw = _inputs(c, SEED)
