@@ -128,18 +128,22 @@ def resample_ablate(model: HeadscopeModel, heads, source, *, seed: int = 0):
     def z_fn(z, layer):
         B, _, Sq, _ = z.shape
         sz = zs[layer]
-        if sz.shape[2] < Sq:
-            raise InputError(f"resample source has {sz.shape[2]} positions but the input has {Sq}; "
+        # This call's queries are the last Sq positions of the sequence so far (a cached decode step
+        # is one query at position seq_len - 1, not position 0): take the source's same positions.
+        end = model.state.seq_len or Sq
+        start = end - Sq
+        if sz.shape[2] < end:
+            raise InputError(f"resample source has {sz.shape[2]} positions but the input has {end}; "
                              "use a source batch at least as long as the inputs.")
         idx = source_rows(B)
         real = model.state.attention_mask
         real = real[:, -Sq:].cpu() if real is not None else torch.ones(B, Sq, dtype=torch.bool)
-        bad = (real & ~src_real[idx, :Sq]).any(1)
+        bad = (real & ~src_real[idx, start:end]).any(1)
         if bad.any():
             rows = bad.nonzero().flatten().tolist()
             raise InputError(f"resample ablation: input rows {rows} have real tokens where their source examples "
                              f"{idx[bad].tolist()} are padding; use source prompts at least as long as the inputs.")
-        repl = sz[idx, :, :Sq].to(z.device, z.dtype)
+        repl = sz[idx, :, start:end].to(z.device, z.dtype)
         return torch.where(masks[layer].to(z.device)[None, :, None, None], repl, z)
 
     with model.edit_attention({l: LayerEdit(z_fn=z_fn) for l in masks}):

@@ -19,7 +19,8 @@ from .next_token import first_token_id, last_token_logprobs, load_jsonl
 
 
 def memory_vector(model: HeadscopeModel, memory) -> torch.Tensor:
-    """m = sum of the input embeddings of the memory's tokens -> [d_model] (no BOS); a list of
+    """m = sum of the input embeddings of the memory's tokens, as the model's embedding layer gives them
+    (scale included) -> [d_model] (no BOS); a list of
     memories (one per example of a batch) -> [B, d_model]."""
     if isinstance(memory, (list, tuple)):
         if not memory:
@@ -28,8 +29,11 @@ def memory_vector(model: HeadscopeModel, memory) -> torch.Tensor:
     if not isinstance(memory, str) or not memory.strip():
         raise InputError("empty memory: give the words to inject, e.g. 'George Washington'.")
     ids = model.tokenizer(memory, add_special_tokens=False)["input_ids"]
-    emb = model.hf.get_input_embeddings().weight
-    return emb[torch.tensor(ids, device=emb.device)].detach().float().sum(0)
+    # The embedding module's forward, not its weight rows: Gemma's scales them by sqrt(d_model), and
+    # m must be what the model's first layer sees.
+    embed = model.hf.get_input_embeddings()
+    with torch.no_grad():
+        return embed(torch.tensor([ids], device=embed.weight.device))[0].float().sum(0)
 
 
 @contextmanager

@@ -18,6 +18,16 @@ BACKENDS = ("auto", "triton", "torch")
 TOKEN_ID_MIN, TOKEN_ID_MAX = -(2**31) + 2, 2**31 - 1
 
 
+def uses_triton(backend: str, q, k, v) -> bool:
+    """The path `attention` takes: Triton for backend='triton', and for 'auto' on CUDA unless
+    gradients are asked for (the kernel has no backward; the chunked torch path is differentiable
+    and gives the same numbers). An explicit backend='triton' with gradients raises instead."""
+    if backend == "triton":
+        return True
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    return backend == "auto" and q.is_cuda and not needs_grad
+
+
 def _check_window(window) -> None:
     if window is not None and (isinstance(window, bool) or not hasattr(type(window), "__index__") or window < 1):
         # an integer: the two paths would read 2.5 as i - j < 2.5 (torch) and < 2 (Triton)
@@ -141,7 +151,7 @@ def attention(
         key_scale: ACT calibration (`KeyScale`); key_bias: logit bias (`KeyBias`).
         pattern_heads: heads whose full probability rows to return as stats["pattern"]
             [B, n, Sq, Sk] (O(S^2): only for short inputs; the caller checks memory).
-        backend: "auto" (Triton on CUDA, torch on CPU), "triton" or "torch".
+        backend: "auto" (Triton on CUDA, torch on CPU and wherever gradients are needed), "triton" or "torch".
         key_start: sequence position of k[:, :, 0], for a sliding-window cache that dropped the
             first key_start keys (causal with a window only; refused unless every dropped key lies
             outside every query's window). Per-key inputs (attention_mask, token_ids, keyset,
@@ -159,8 +169,7 @@ def attention(
     validate_edits(q.shape[1], q.shape[0], key_start + k.shape[2], head_mask, head_mask_mode, key_scale, key_bias)
     if backend not in BACKENDS:
         raise KernelInputError(f"backend must be one of {BACKENDS}, got {backend!r}.")
-    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
-    if not use_triton:
+    if not uses_triton(backend, q, k, v):
         k, v = _at_sequence_positions(k, v, key_start)
         return attention_reference(
             q, k, v, causal=causal, sm_scale=sm_scale, window=window, softcap=softcap,

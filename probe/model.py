@@ -13,7 +13,7 @@ from headscope.kernels.stats import StatsRequest
 from .edits import LayerEdit
 from .errors import InputError, ModelLoadError
 from .meta import ModelMeta
-from .native import ModelState, StopForward, bind, register
+from .native import ContextHook, ModelState, StopForward, bind, register
 from .recorder import Recorder, _layers_arg, pattern_spec
 from .recording import Recording
 
@@ -266,7 +266,7 @@ class HeadscopeModel:
                 out = out + m.to(out.dtype) * add
             return (out, *output[1:]) if isinstance(output, tuple) else out
 
-        handle = self.attention_modules[layer].register_forward_hook(hook)
+        handle = self.attention_modules[layer].register_forward_hook(ContextHook(hook))
         try:
             yield self
         finally:

@@ -81,6 +81,12 @@ class ModelState:
         self._guarded: list = []  # caches the open recording follows
         self.attention_calls: int | None = None  # headscope_attention calls in the running model forward
 
+    def __deepcopy__(self, memo):
+        # A deep copy of the model is another model: it must not inherit this one's recorder, edits
+        # and users (a copy made inside a context would keep an ablation forever). Its state is made
+        # fresh when it is wrapped (`of` finds None); its attention modules are bound to no state.
+        return None
+
     @classmethod
     def of(cls, hf) -> "ModelState":
         """The model's state, created on first use (kept on the model, so every wrapper shares it)."""
@@ -147,8 +153,8 @@ class ModelState:
             self._saved_impl = self.hf.config._attn_implementation or "sdpa"
             self.hf.set_attn_implementation(IMPL)
             # seq_len holds only during a call of the whole model (a call of a submodule sees None)
-            self._hooks = (self.hf.register_forward_pre_hook(self._before_forward, with_kwargs=True),
-                           self.hf.register_forward_hook(self._forget_length, always_call=True))
+            self._hooks = (self.hf.register_forward_pre_hook(ContextHook(self._before_forward), with_kwargs=True),
+                           self.hf.register_forward_hook(ContextHook(self._forget_length), always_call=True))
         self._users += 1
         try:
             yield
@@ -163,6 +169,25 @@ class ModelState:
     def layer_edit(self, layer: int, H: int) -> LayerEdit | None:
         edits = self.edits.get(layer)
         return merge_edits(edits, H) if edits else None
+
+
+class ContextHook:
+    """A hook installed for the length of a context (a recording, an edit, an injection). A deep copy of
+    the model made while it is installed (`prune` copies the model) gets a no-op in its place: the
+    copy would otherwise keep the context's change forever, or drive this model's state."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __deepcopy__(self, memo):
+        return _no_hook
+
+
+def _no_hook(*args):
+    return None
 
 
 def bind(module: torch.nn.Module, state: ModelState, layer: int) -> None:
@@ -238,6 +263,14 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
     (output [B, Sq, H, D], None)."""
     entry = _MODULES.get(module)
     state, layer = entry if entry is not None else (None, None)
+    if state is not None and state.recorder is not None and state.attention_calls is None:
+        # The recorder starts a segment in the whole model's pre-hook; this layer's call would join
+        # the previous call's rows (twice the tokens, colsum summed twice).
+        raise RecordingError(
+            f"layer {layer}'s attention ran inside model.record() without a call of the whole model "
+            f"({type(state.hf).__name__}): a submodule (such as model.hf.model) was called directly. "
+            "Call the model itself (model(...) or model.hf(...)) while recording; use "
+            "output_hidden_states=True for hidden states.")
     if state is not None and state.attention_calls is not None:
         state.attention_calls += 1
     if dropout and module.training:

@@ -21,6 +21,10 @@ from .recording import Recording
 
 # Share of currently available memory that full patterns may take before we refuse.
 _PATTERN_MEMORY_SHARE = 0.5
+# Pattern bytes alive at the peak, per byte kept: the attention calls' blocks while they are copied
+# into the assembled [B, L, H, S, S] tensor (each block is freed once copied), or the segments'
+# assembled tensors while they are concatenated.
+_PATTERN_PEAK_COPIES = 2
 
 
 def available_bytes(device: torch.device) -> int:
@@ -82,6 +86,7 @@ class Recorder:
         self.max_pattern_bytes = max_pattern_bytes
         self._segments: list[dict] = []
         self._seg: dict | None = None
+        self._pattern_bytes = 0  # patterns of the segments before the current one
 
     # ---- called by the forward pre-hook ---------------------------------------------------
     def begin_call(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, seq_len: int,
@@ -95,38 +100,53 @@ class Recorder:
         if self.request.needs_tokens and input_ids is None:
             raise InputError("match / next_match statistics compare token ids: call the model with input_ids, "
                              "not inputs_embeds.")
-        self._check_pattern_memory(batch, total)
         continuing = n_past > 0 and self._seg is not None
+        self._check_pattern_memory(batch, total, continuing)
         if n_past > 0 and self._seg is None:
             raise RecordingError("recording started in the middle of a cached generation: open model.record() "
                                  "before the first (prefill) forward.")
         if not continuing:
             if self._seg is not None:
                 self._segments.append(self._seg)
-            self._seg = {"tokens": None, "mask": None, "layers": {}, "batch": batch}
+                self._pattern_bytes += self._seg.get("pattern_bytes", 0)
+            self._seg = {"tokens": None, "mask": None, "layers": {}, "batch": batch, "ids_known": True}
         seg = self._seg
-        if input_ids is not None:
+        # The segment's tokens are known only if every call gave input_ids: a prefill from
+        # inputs_embeds followed by decoding from ids would otherwise place the ids at position 0.
+        seg["ids_known"] = seg["ids_known"] and input_ids is not None
+        if seg["ids_known"]:
             ids = input_ids.to(self.device)
-            seg["tokens"] = ids if not continuing or seg["tokens"] is None else torch.cat([seg["tokens"], ids], 1)
+            seg["tokens"] = ids if not continuing else torch.cat([seg["tokens"], ids], 1)
+        else:
+            seg["tokens"] = None
         if attention_mask is not None:
             seg["mask"] = attention_mask.to(self.device).bool()[:, -total:]
         else:
             seg["mask"] = torch.ones(batch, total, dtype=torch.bool, device=self.device)
         seg["len"] = total
+        if self.patterns is not None:
+            seg["pattern_bytes"] = batch * len(self.patterns.layers) * len(self.patterns.heads) * total * total * 4
 
-    def _check_pattern_memory(self, batch: int, total: int) -> None:
+    def _check_pattern_memory(self, batch: int, total: int, continuing: bool) -> None:
+        """Refuse before the forward when the patterns, at their assembly peak, exceed the budget.
+
+        A decode step grows the current segment to `total` tokens; a new forward adds a segment."""
         if self.patterns is None:
             return
         need = batch * len(self.patterns.layers) * len(self.patterns.heads) * total * total * 4
+        before = self._pattern_bytes + (self._seg.get("pattern_bytes", 0) if not continuing and self._seg else 0)
+        peak = (before + need) * _PATTERN_PEAK_COPIES
         budget = self.max_pattern_bytes
         if budget is None:
             budget = int(available_bytes(self.device) * _PATTERN_MEMORY_SHARE)
-        if need > budget:
+        if peak > budget:
+            earlier = f" on top of {before / 2**30:.2f} GiB already recorded" if before else ""
             raise PatternMemoryError(
                 f"full patterns for {len(self.patterns.layers)} layers x {len(self.patterns.heads)} heads at "
-                f"batch {batch} x {total} tokens need {need / 2**30:.2f} GiB ({need} bytes) but only "
-                f"{budget / 2**30:.2f} GiB may be used. Record statistics instead (they are O(S)), or ask for "
-                "fewer layers/heads or a shorter input.")
+                f"batch {batch} x {total} tokens need {need / 2**30:.2f} GiB ({need} bytes){earlier}, and "
+                f"{_PATTERN_PEAK_COPIES}x that while they are assembled, but only {budget / 2**30:.2f} GiB may "
+                "be used. Record statistics instead (they are O(S)), or ask for fewer layers/heads or a "
+                "shorter input.")
 
     # ---- called by the attention function -------------------------------------------------
     def key_tokens(self, Sk: int) -> torch.Tensor:
@@ -189,11 +209,15 @@ class Recorder:
         tokens = seg["tokens"] if seg["tokens"] is not None else torch.zeros(B, S, dtype=torch.long, device=self.device)
         patterns = None
         if self.patterns is not None:
-            pl = []
-            for layer in self.patterns.layers:
-                calls = [c["pattern"] for c in layers[layer]["stats"]] if layer in layers else []
-                pl.append(_join_rows(calls, B, len(self.patterns.heads), S, self.device))
-            patterns = torch.stack(pl, 1)
+            # Written in place, each call's block dropped once copied: the peak stays near 2x the kept
+            # size (`_PATTERN_PEAK_COPIES`). Layers that never ran (stop_after_layer) are NaN, as
+            # their statistics are, not rows of zeros that read as attention.
+            patterns = torch.empty(B, len(self.patterns.layers), len(self.patterns.heads), S, S, device=self.device)
+            for i, layer in enumerate(self.patterns.layers):
+                if layer not in layers:
+                    patterns[:, i] = float("nan")
+                    continue
+                _write_rows(patterns[:, i], [c.pop("pattern") for c in layers[layer]["stats"]])
 
         def cat(kind, layer_list, dim):
             if not layer_list:
@@ -224,12 +248,14 @@ def _join_calls(name: str, calls: list, B: int, H: int, S: int, request: StatsRe
     return torch.cat(calls, 2)
 
 
-def _join_rows(calls: list, B: int, nh: int, S: int, device) -> torch.Tensor:
-    """Pattern rows of successive calls -> [B, nh, S, S] (earlier rows padded with zeros on the right)."""
-    out = torch.zeros(B, nh, S, S, device=device)
+def _write_rows(out: torch.Tensor, calls: list) -> None:
+    """Pattern rows of successive calls into out [B, nh, S, S] (a call's rows end at its last key: the
+    keys after it are the future, 0). Empties `calls` as it goes, so each block can be freed."""
+    out.zero_()
     row = 0
-    for c in calls:
+    while calls:
+        c = calls.pop(0)
         out[:, :, row: row + c.shape[2], : c.shape[3]] = c
         row += c.shape[2]
-    return out
+        del c
 

@@ -1,10 +1,12 @@
 """`Recording`: what one forward pass (or one generate call) over a batch left behind.
 
 Shapes (B batch, L layers, H query heads, Hkv key/value heads, S positions, D head_dim):
-- tokens [B, S] int64, attention_mask [B, S] bool (True = real token)
+- tokens [B, S] int64 (all 0 for a call made from inputs_embeds, whose ids the model never saw),
+  attention_mask [B, S] bool (True = real token)
 - stats[name] [B, L, H, S] (per query; `colsum` is per key), with a trailing k for
   argmax / max_prob and a trailing n_offsets for offset_mass (see headscope.kernels.stats)
-- patterns [B, nL, nH, S, S] for `pattern_layers` x `pattern_heads` only (optional)
+- patterns [B, nL, nH, S, S] for `pattern_layers` x `pattern_heads` only (optional; NaN for a
+  layer that did not run, as its statistics are)
 - head_out [B, nL, S, H, D]: per-head outputs z before the output projection (optional)
 - q [B, nL, H, S, D], k / v [B, nL, Hkv, S, D] as the attention function saw them (post-RoPE)
 

@@ -76,7 +76,11 @@ def _load_hf_dir(p: Path, text_field: str) -> list[str]:
     except Exception as e:  # datasets raises several types for a folder it cannot read
         raise CorpusError(f"{p} is not a dataset saved with save_to_disk: {e}") from None
     if isinstance(ds, datasets.DatasetDict):
-        ds = ds[sorted(ds)[0]]
+        # Its "train" split, or its only one: a first split in name order would be "test" over "train".
+        if "train" not in ds and len(ds) != 1:
+            raise CorpusError(f"dataset {p} has the splits {sorted(ds)} and none is named 'train': save the "
+                              "split to read (ds['name'].save_to_disk(...)) and pass its folder.")
+        ds = ds["train"] if "train" in ds else next(iter(ds.values()))
     if text_field not in ds.column_names:
         raise CorpusError(f"dataset {p} has no column {text_field!r} (columns: {ds.column_names}).")
     return [t for t in ds[text_field] if isinstance(t, str)]

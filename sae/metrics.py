@@ -140,7 +140,8 @@ def top_activating(model, sae, layer: int, token_batches: Iterable[torch.Tensor]
     rows = []
     for ids in token_batches:
         a = next(stream_activations(model, layer, sae.cfg.site, [ids], skip_first=True))
-        f = sae.encode(a.float())[:, idx]  # [B * (S - 1), n_latents]
+        # the stream yields CPU tensors; the SAE may sit on the model's GPU (`sae eval --device cuda`)
+        f = sae.encode(a.to(sae.W_enc.device).float())[:, idx.to(sae.W_enc.device)].cpu()  # [B * (S - 1), n_latents]
         S1 = ids.shape[1] - 1
         rows.append(ids.cpu())
         base = sum(r.shape[0] for r in rows[:-1])

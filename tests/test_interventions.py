@@ -75,6 +75,21 @@ def test_resample_uses_source_z(model):
             model.hf(**src)
 
 
+def test_resample_in_cached_decoding_takes_the_step_position(model):
+    """A cached decode step (one query at position S - 1) replaces z with the source's z at S - 1, as
+    the full forward does, not the source's position 0 (it did: last logits off by 25)."""
+    src = model.tokenize(["Alice went to the market and bought some fresh apples and pears today"], prepend_bos=True)
+    ids = model.tokenize(["The quick brown fox jumps over the lazy dog"], prepend_bos=True)["input_ids"]
+    heads = [(layer, h) for layer in range(0, model.meta.n_layers, 3) for h in range(model.meta.n_heads)]
+    with torch.no_grad(), resample_ablate(model, heads, src, seed=0):
+        full = model.hf(input_ids=ids, use_cache=False).logits[0, -1]
+        past = model.hf(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        step = model.hf(input_ids=ids[:, -1:], past_key_values=past, use_cache=True).logits[0, -1]
+    assert (full - step).abs().max() < 1e-3
+    with torch.no_grad():
+        assert (model.hf(input_ids=ids, use_cache=False).logits[0, -1] - full).abs().max() > 1.0  # it did ablate
+
+
 def test_resample_draws_one_source_row_per_example_for_every_layer(model):
     texts = ["One two three four five six seven eight.", "Red green blue yellow black white pink grey.",
              "Monday Tuesday Wednesday Thursday Friday Saturday.", "North south east west up down left right."]

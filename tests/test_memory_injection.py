@@ -19,6 +19,25 @@ def test_memory_vector_is_summed_embeddings(model):
     torch.testing.assert_close(memory_vector(model, " Eiffel Tower"), E[ids].sum(0))
 
 
+def test_memory_vector_includes_the_embedding_scale():
+    """Gemma scales its input embeddings by sqrt(d_model) in the embedding's forward: m is the sum of
+    what the first layer sees (tiny random Gemma2, d_model 64: scale 8), not of the weight rows."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    from headscope.probe import load_model
+    torch.manual_seed(0)
+    hf = Gemma2ForCausalLM(Gemma2Config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, head_dim=32)).eval()
+
+    class Tok:  # the three token ids the memory is made of
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [5, 17, 42]}
+
+    m = load_model(hf, tokenizer=Tok())
+    rows = hf.get_input_embeddings().weight[[5, 17, 42]].sum(0)
+    torch.testing.assert_close(memory_vector(m, "any words"), rows * 64 ** 0.5, rtol=1e-2, atol=1e-4)
+
+
 def test_injection_equals_o_proj_bias(model):
     layer, tau = 5, 3.0
     batch = model.tokenize([PROMPT], prepend_bos=True)

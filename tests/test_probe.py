@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from headscope.kernels.errors import HeadscopeError
-from headscope.probe import (DeviceError, HeadIndexError, InputError, PatternMemoryError, Recording, StatsRequest,
-                             load_model)
+from headscope.probe import (DeviceError, HeadIndexError, InputError, PatternMemoryError, Recording, RecordingError,
+                             StatsRequest, load_model)
 
 TEXT = "Alice gave Bob a book because Bob likes to read books."
 
@@ -142,3 +142,69 @@ def test_cached_generate_equals_one_forward(model):
         else:
             assert (rec.stats[name] - t).abs().max() < 1e-4, name
     assert (rec.patterns - ref.patterns).abs().max() < 1e-4
+
+
+def test_patterns_are_refused_at_their_assembly_peak(model):
+    """The budget covers the assembly peak (2x the kept patterns: blocks and the assembled tensor),
+    not the kept size alone (a third of the measured peak before)."""
+    b = model.tokenize(TEXT)
+    S = b["input_ids"].shape[1]
+    need = model.meta.n_layers * model.meta.n_heads * S * S * 4
+    with pytest.raises(PatternMemoryError, match=f"\\({need} bytes\\).*2x that while they are assembled"):
+        with model.record(StatsRequest(entropy=True), patterns=True, max_pattern_bytes=int(need * 1.5)):
+            model(**b)
+    with torch.no_grad(), model.record(StatsRequest(entropy=True), patterns=[0], max_pattern_bytes=2 * need) as rec:
+        model(**b)
+    assert torch.allclose(rec.pattern(0, 0).sum(-1)[0], torch.ones(S), atol=1e-5)
+
+
+def test_patterns_of_layers_that_did_not_run_are_nan(model):
+    b = model.tokenize(TEXT)
+    with torch.no_grad(), model.record(StatsRequest(entropy=True), patterns=[1, 5], stop_after_layer=2) as rec:
+        model(**b)
+    assert torch.isnan(rec.pattern(5, 0)).all() and torch.isnan(rec.stats["entropy"][0, 5]).all()
+    assert torch.allclose(rec.pattern(1, 0).sum(-1)[0], torch.ones(b["input_ids"].shape[1]), atol=1e-5)
+
+
+def test_a_submodule_call_inside_record_is_refused(model):
+    """Calling model.hf.model (no pre-hook of the whole model) would append its rows to the previous
+    call's segment: twice the tokens, colsum summed twice. It raises instead, and the model records
+    normally afterwards."""
+    b = model.tokenize(TEXT)
+    with pytest.raises(RecordingError, match="submodule"):
+        with torch.no_grad(), model.record(StatsRequest(entropy=True, colsum=True)):
+            model(**b)
+            model.hf.model(**b)
+    with torch.no_grad(), model.record(StatsRequest(entropy=True)) as rec:
+        model(**b)
+    assert rec.stats["entropy"].shape[-1] == b["input_ids"].shape[1]
+
+
+def test_a_deep_copy_made_inside_an_edit_is_a_plain_model(model):
+    """copy.deepcopy inside a context used to carry the edit (and the context's user count) into the
+    copy forever; the copy now runs as the unedited model and records on its own."""
+    import copy
+
+    from headscope.probe import HeadscopeModel, LayerEdit
+    b = model.tokenize(TEXT)
+    H = model.meta.n_heads
+    with torch.no_grad():
+        plain = model(**b).logits
+        with model.edit_attention({0: LayerEdit(head_mask=torch.ones(H, dtype=torch.bool))}):
+            twin = copy.deepcopy(model.hf)
+        copy_model = HeadscopeModel(twin, model.tokenizer)
+        assert (copy_model(**b).logits - plain).abs().max() < 1e-4
+        with copy_model.record(StatsRequest(entropy=True)) as rec:
+            copy_model(**b)
+    assert torch.isfinite(rec.stats["entropy"][0, 0]).all()
+
+
+def test_prefill_from_embeddings_then_decoding_keeps_tokens_aligned(model):
+    """generate(inputs_embeds=...): the prefill's ids are unknown, so the recording's tokens are 0 over
+    the whole sequence (before: the generated ids alone, shorter than the statistics)."""
+    ids = model.tokenize(TEXT)["input_ids"]
+    emb = model.hf.get_input_embeddings()(ids)
+    with torch.no_grad(), model.record(StatsRequest(entropy=True)) as rec:
+        model.hf.generate(inputs_embeds=emb, max_new_tokens=3, do_sample=False)
+    S = rec.stats["entropy"].shape[-1]
+    assert S == ids.shape[1] + 2 and rec.tokens.shape == (1, S) and (rec.tokens == 0).all()

@@ -133,3 +133,21 @@ def test_never_prunes_a_whole_layer(model):
         prune(model, [(0, H)])
     with pytest.raises(HeadIndexError):
         prune(model, [(model.meta.n_layers, 0)])
+
+
+def test_prune_inside_an_injection_block_leaves_the_injection_behind(model):
+    """prune() deep-copies the model: a copy made inside inject_memory used to keep the injection hook
+    forever (in memory only: save_pruned dropped it). The copied hook is now a no-op."""
+    from headscope.circuits.memory_injection import inject_memory
+    ids = model.tokenize(["The capital of France is"], prepend_bos=True)["input_ids"]
+    heads = [(3, 1), (7, 4)]
+    outside = prune(model, heads)
+    with inject_memory(model, " Germany", layer=5, tau=8):
+        inside = prune(model, heads)
+        with torch.no_grad():
+            injected = model.hf(input_ids=ids).logits
+    with torch.no_grad():
+        a, b = outside.hf(input_ids=ids).logits, inside.hf(input_ids=ids).logits
+        plain = model.hf(input_ids=ids).logits
+    assert (a - b).abs().max() < 1e-5
+    assert (injected - plain).abs().max() > 1.0  # the injection did act on the original inside the block

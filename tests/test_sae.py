@@ -275,6 +275,21 @@ def test_bad_inputs(model, tmp_path, z_store):
     assert load_texts(tmp_path / "ok.jsonl") == ["hello there", "general"]
 
 
+def test_saved_dataset_dict_reads_its_train_split(tmp_path):
+    """A saved DatasetDict: its 'train' split (not the first name in order, 'test'), its only split, or
+    a clear refusal when there are several and none is 'train'."""
+    datasets = pytest.importorskip("datasets")
+    d = datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": [f"train doc {i}" for i in range(5)]}),
+                              "test": datasets.Dataset.from_dict({"text": ["test doc 0", "test doc 1"]})})
+    d.save_to_disk(str(tmp_path / "both"))
+    assert load_texts(tmp_path / "both") == [f"train doc {i}" for i in range(5)]
+    datasets.DatasetDict({"validation": d["test"]}).save_to_disk(str(tmp_path / "one"))
+    assert load_texts(tmp_path / "one") == ["test doc 0", "test doc 1"]
+    datasets.DatasetDict({"a": d["train"], "b": d["test"]}).save_to_disk(str(tmp_path / "two"))
+    with pytest.raises(CorpusError, match="none is named 'train'"):
+        load_texts(tmp_path / "two")
+
+
 def test_user_corpus_held_out_split(tmp_path):
     """sae train reads the train side of a user corpus and sae eval the held-out side: disjoint,
     independent of file order, duplicates on one side, every document on one side."""

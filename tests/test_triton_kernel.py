@@ -555,6 +555,26 @@ def test_grad_through_triton_raises():
         attention(q, k, k, backend="triton")
 
 
+def test_auto_backend_takes_the_differentiable_path_for_gradients():
+    """On CUDA 'auto' takes the kernel only when no gradient is asked for: head importance runs a CUDA
+    model's backward through 'auto' (it raised BackwardNotSupportedError before). 'triton' itself still
+    refuses gradients (test above); CPU always takes the torch path."""
+    from types import SimpleNamespace
+
+    from headscope.kernels.dispatch import uses_triton
+
+    def t(cuda=True, grad=False):
+        return SimpleNamespace(is_cuda=cuda, requires_grad=grad)
+
+    assert uses_triton("auto", t(), t(), t())
+    assert not uses_triton("auto", t(grad=True), t(), t()) and not uses_triton("auto", t(), t(), t(grad=True))
+    with torch.no_grad():
+        assert uses_triton("auto", t(grad=True), t(), t())
+    assert uses_triton("triton", t(grad=True), t(), t())
+    assert not uses_triton("auto", t(cuda=False), t(cuda=False), t(cuda=False))
+    assert not uses_triton("torch", t(), t(), t())
+
+
 def test_kernel_called_directly_rejects_grad():
     q = torch.randn(1, 2, 8, 64, requires_grad=True)
     with pytest.raises(BackwardNotSupportedError):
