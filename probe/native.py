@@ -117,6 +117,12 @@ class ModelState:
         self.seq_len = n_past + n_new if n_new >= 0 else None
         mask = call.get("attention_mask")
         self.attention_mask = mask.bool() if isinstance(mask, torch.Tensor) and mask.dim() == 2 else None
+        if _packed(call, mask, cache, self.hf.config):
+            raise InputError(
+                "packed sequences (position_ids that restart inside a row, no attention_mask, no cache): "
+                "transformers keeps the documents of a row apart with a block mask, which headscope's "
+                "attention does not apply (causal, window and padding only), so they would see each other. "
+                "Put one document per row, padded, with the tokenizer's attention_mask.")
         if self.recorder is None:
             return
         if n_new < 0:
@@ -169,6 +175,18 @@ class ModelState:
     def layer_edit(self, layer: int, H: int) -> LayerEdit | None:
         edits = self.edits.get(layer)
         return merge_edits(edits, H) if edits else None
+
+
+def _packed(call: dict, mask, cache, config) -> bool:
+    """True where transformers would treat the call as packed sequences (its `_preprocess_mask_arguments`:
+    position_ids given, no attention_mask, no cache, and positions that do not step by one)."""
+    pos = call.get("position_ids")
+    if mask is not None or cache is not None or not isinstance(pos, torch.Tensor) or pos.dim() != 2:
+        return False
+    use_cache = call.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(config, "use_cache", False)
+    return not use_cache and pos.shape[-1] > 1 and bool((pos.diff(dim=-1) != 1).any())
 
 
 class ContextHook:

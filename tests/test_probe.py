@@ -208,3 +208,25 @@ def test_prefill_from_embeddings_then_decoding_keeps_tokens_aligned(model):
         model.hf.generate(inputs_embeds=emb, max_new_tokens=3, do_sample=False)
     S = rec.stats["entropy"].shape[-1]
     assert S == ids.shape[1] + 2 and rec.tokens.shape == (1, S) and (rec.tokens == 0).all()
+
+
+def test_packed_sequences_are_refused(model):
+    """Two documents in one row with restarting position_ids and no cache: transformers keeps them apart
+    with a block mask that headscope's attention cannot apply, so a no-op edit or a recording would let
+    them see each other (the second document's logits moved by 20). Refused; a cached call, where
+    transformers does not pack either, runs."""
+    from headscope.probe import LayerEdit
+    a = model.tokenizer("The cat sat on the mat.")["input_ids"]
+    c = model.tokenizer("Paris is the capital of France")["input_ids"]
+    ids = torch.tensor([a + c])
+    pos = torch.tensor([list(range(len(a))) + list(range(len(c)))])
+    noop = {0: LayerEdit(head_mask=torch.zeros(model.meta.n_heads, dtype=torch.bool))}
+    with torch.no_grad():
+        with pytest.raises(InputError, match="packed sequences"), model.edit_attention(noop):
+            model.hf(input_ids=ids, position_ids=pos, use_cache=False)
+        with pytest.raises(InputError, match="packed sequences"), model.record(StatsRequest(sink_k=1)):
+            model.hf(input_ids=ids, position_ids=pos, use_cache=False)
+        plain = model.hf(input_ids=ids, position_ids=pos, use_cache=True).logits
+        with model.edit_attention(noop):
+            edited = model.hf(input_ids=ids, position_ids=pos, use_cache=True).logits
+    assert (edited - plain).abs().max() < 1e-3
