@@ -44,8 +44,14 @@ def score_grid(df: pd.DataFrame, n_layers: int, n_heads: int, column: str = "sco
 
 
 def top_heads(df: pd.DataFrame, k: int) -> list[tuple[int, int]]:
-    """The k best-ranked (layer, head) pairs of a single-kind frame."""
-    best = df.sort_values("rank").head(k)
+    """The k best-ranked (layer, head) pairs of a single-kind frame, less any whose score ties with the
+    best head left out: ties would be broken by head index, and most retrieval scores are exactly 0,
+    so "the top 8" would fill up with layer-0 heads that the detector never singled out. May return
+    fewer than k (none when every head scores the same)."""
+    ranked = df.dropna(subset=["score"]).sort_values("rank")
+    best = ranked.head(k)
+    if len(ranked) > k:
+        best = best[best["score"] > ranked["score"].iloc[k]]
     return [(int(l), int(h)) for l, h in zip(best["layer"], best["head"])]
 
 
@@ -75,9 +81,21 @@ class Validation:
         return float(np.median(r)) if len(r) else float("nan")
 
     @property
+    def random_max(self) -> float:
+        return float(max(self.random_k_damage)) if self.random_k_damage else float("nan")
+
+    @property
+    def p_value(self) -> float:
+        """Empirical one-sided p of the top set among the random ones: (1 + random sets doing at least
+        its damage) / (1 + random sets); 1 / (n_random + 1) at best."""
+        n = len(self.random_k_damage)
+        return (1 + sum(r >= self.top_k_damage for r in self.random_k_damage)) / (n + 1)
+
+    @property
     def beats_random(self) -> bool:
-        """Top heads do more damage than the median random set."""
-        return bool(self.top_k_damage > self.random_median)
+        """The top heads do damage (> 0) and more than every random set. Beating the median alone let a
+        top set pass that did no damage (both <= 0) or that 2 of 5 random sets out-damaged."""
+        return bool(self.random_k_damage) and self.top_k_damage > 0 and self.top_k_damage > self.random_max
 
     @property
     def specific(self) -> bool:
@@ -87,22 +105,30 @@ class Validation:
 
     @property
     def passed(self) -> bool:
-        """More damage than the median random set and, with a control, more than to the control."""
+        """Damage, more than every random set's and, with a control, more than to the control."""
         return self.beats_random and self.specific
 
     def verdict(self) -> str:
-        """One sentence for reports: top-k damage as a multiple of the median random set's (or both
-        numbers), or that the detector failed; plus the control numbers when there is a control."""
-        if self.beats_random and self.random_median > 0:
-            text = (f"ablating the top-{self.k} {self.kind} heads does {self.top_k_damage / self.random_median:.1f}x "
-                    f"the damage of the median random {self.k}-head set ({self.metric}).")
-        elif self.beats_random:  # a ratio to a median <= 0 means nothing: give both numbers
-            text = (f"ablating the top-{self.k} {self.kind} heads does {self.top_k_damage:.4g} damage while the "
-                    f"median random {self.k}-head set does {self.random_median:.4g} ({self.metric}).")
+        """One sentence for reports: the top set's damage beside the random sets' range, median and the
+        empirical p (a ratio only to the most damaging random set, and only when that one did damage),
+        or why the check failed; plus the control numbers when there is a control."""
+        n = len(self.random_k_damage)
+        if not n:
+            return f"no causal check of the {self.kind} heads: {self.notes}"
+        spread = (f"{n} random {self.k}-head sets: {min(self.random_k_damage):.4g} to {self.random_max:.4g}, "
+                  f"median {self.random_median:.4g}; empirical p = {self.p_value:.2g}")
+        if self.beats_random:
+            ratio = (f", {self.top_k_damage / self.random_max:.1f}x the damage of the most damaging random set"
+                     if self.random_max > 0 else "")
+            text = (f"ablating the top-{self.k} {self.kind} heads does {self.top_k_damage:.4g} damage "
+                    f"({self.metric}){ratio}; more than each of the {spread}.")
+        elif self.top_k_damage <= 0:
+            text = (f"ablating the top-{self.k} {self.kind} heads does no damage ({self.top_k_damage:.4g}, "
+                    f"{self.metric}; {spread}): nothing shows that these heads carry the behaviour.")
         else:
-            text = (f"the top-{self.k} {self.kind} heads are no more harmful than random heads when ablated "
-                    f"({self.top_k_damage:.4g} vs median {self.random_median:.4g}, {self.metric}): the detector is "
-                    "wrong or the behaviour is absent in this model.")
+            text = (f"the top-{self.k} {self.kind} heads are not more harmful than every random set when ablated "
+                    f"({self.top_k_damage:.4g}, {self.metric}; {spread}): the detector is wrong, the behaviour "
+                    "is absent in this model, or more random sets are needed to tell.")
         if self.control:
             c = self.control
             text += (f" Control ({c['metric']}): the same top heads do {c['top_k_damage']:.4g} vs median "
@@ -116,7 +142,8 @@ class Validation:
         """JSON-ready dict. Unlike the field of the same name, its "random_k_damage" is the median
         (a float); the per-set values are "random_k_damage_all" (likewise in "control")."""
         d = {"k": self.k, "top_k_damage": float(self.top_k_damage), "random_k_damage": float(self.random_median),
-             "random_k_damage_all": [float(x) for x in self.random_k_damage], "metric": self.metric,
+             "random_k_damage_all": [float(x) for x in self.random_k_damage], "p_value": self.p_value,
+             "metric": self.metric,
              "baseline": float(self.baseline), "passed": self.passed, "verdict": self.verdict(),
              "notes": self.notes}
         if self.control:

@@ -58,7 +58,9 @@ def validate_heads(model, kind: str, top_heads, damage_fn: Callable[[object], fl
     Args:
         model: HeadscopeModel.
         kind: the head kind (for the report).
-        top_heads: [(layer, head), ...] best first (e.g. `top_heads(scores_df, k)`).
+        top_heads: [(layer, head), ...] best first (e.g. `top_heads(scores_df, k)`); fewer than k
+            are validated as they are (random sets of their size, said in the notes), none gives a
+            Validation that did not pass.
         damage_fn: model -> float, the behaviour metric (see module docstring).
         k, n_random, seed: heads per set, number of random sets, seed of the first random set.
         metric: what damage_fn measures, in words and units.
@@ -71,8 +73,14 @@ def validate_heads(model, kind: str, top_heads, damage_fn: Callable[[object], fl
     if k < 1:
         raise InputError(f"validation ablates k heads: k must be >= 1, got {k} (use validate=False to skip it).")
     top = [(int(l), int(h)) for l, h in list(top_heads)[:k]]
-    if len(top) < k:
-        raise InputError(f"validation needs {k} top heads, got {len(top)}.")
+    if not top:  # e.g. every head scored 0: no head was singled out, so there is nothing to check
+        return Validation(kind=kind, k=0, metric=metric, top_k_damage=float("nan"), random_k_damage=[],
+                          baseline=float("nan"), notes=(notes + " " if notes else "") +
+                          "No head scores above the others: nothing to validate.")
+    if len(top) < k:  # `top_heads` leaves out heads tied with the rest; random sets match the top set's size
+        notes = (notes + " " if notes else "") + (f"Only {len(top)} heads score above the rest: {len(top)} "
+                                                  f"validated instead of {k}.")
+        k = len(top)
     sign = 1.0 if higher_is_worse else -1.0
     sets = random_head_sets(model.meta.n_layers, model.meta.n_heads, k, n_random, seed, exclude=top)
     bar = tqdm(total=2 + n_random, desc=f"validate {kind}", disable=not progress, leave=False)

@@ -37,6 +37,26 @@ def find_attention_modules(hf: torch.nn.Module, n_layers: int) -> list[torch.nn.
     return [found[i] for i in range(n_layers)]
 
 
+# Children of an attention module that are its output projection (o_proj and its names elsewhere).
+_OUTPUT_PROJECTIONS = ("o_proj", "out_proj", "c_proj", "dense", "o", "wo", "Wo", "proj")
+
+
+def attention_output_site(hf: torch.nn.Module, attention: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output is a layer's attention output after the output projection: the
+    attention module itself where it owns the projection (Llama, GPT-2, ...), else its sibling
+    `output.dense` (BERT-style encoders keep the projection beside the self-attention module)."""
+    if any(isinstance(getattr(attention, n, None), torch.nn.Module) for n in _OUTPUT_PROJECTIONS):
+        return attention
+    for parent in hf.modules():
+        if any(child is attention for child in parent.children()):
+            dense = getattr(getattr(parent, "output", None), "dense", None)
+            if isinstance(dense, torch.nn.Linear):
+                return dense
+    raise ModelLoadError(f"{type(hf).__name__}: no output projection found beside {type(attention).__name__}, "
+                         "so the attention output after it cannot be reached; this architecture is not "
+                         "supported for attention-output edits.")
+
+
 def check_length(meta: ModelMeta, n: int) -> None:
     """InputError for an empty input or one longer than the model's context."""
     if n == 0:
@@ -266,7 +286,8 @@ class HeadscopeModel:
                 out = out + m.to(out.dtype) * add
             return (out, *output[1:]) if isinstance(output, tuple) else out
 
-        handle = self.attention_modules[layer].register_forward_hook(ContextHook(hook))
+        site = attention_output_site(self.hf, self.attention_modules[layer])
+        handle = site.register_forward_hook(ContextHook(hook))
         try:
             yield self
         finally:

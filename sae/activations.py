@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -168,12 +169,19 @@ class ActivationStore:
         os.replace(tmp, self.spill_dir / "manifest.json")
 
     def save(self, directory) -> Path:
-        """Write every shard and the manifest into `directory` (for caching between runs)."""
+        """Write every shard and the manifest into `directory` (for caching between runs). Shards
+        already spilled to another folder are copied there, so the folder holds the whole store."""
         self.spill_dir = Path(directory)
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         for i, s in enumerate(self._shards):
+            target = self.spill_dir / f"shard_{i:05d}.safetensors"
             if isinstance(s, torch.Tensor):
                 self._shards[i] = self._write_shard(i, s)
+            elif s.resolve() != target.resolve():
+                tmp = target.with_suffix(".tmp")
+                shutil.copyfile(s, tmp)
+                os.replace(tmp, target)
+                self._shards[i] = target
         self._write_manifest()
         return self.spill_dir
 

@@ -115,3 +115,28 @@ def test_bad_input(model):
     with pytest.raises(InputError, match="at least two items"):  # a control with one item is the treatment
         injection_sweep(model, [{"question": PROMPT, "memory": " Paris", "answer": " Paris"}], layers=[6], taus=[4],
                         control=True)
+
+
+def test_injection_on_an_encoder_lands_after_its_output_projection():
+    """BERT keeps the attention output projection beside its self-attention module (attention.output
+    .dense): the vector is added after that projection, as on decoders, not before it (it was: the
+    model then saw W_O v)."""
+    import transformers
+
+    from headscope.probe import load_model
+    torch.manual_seed(0)
+    hf = transformers.BertModel(transformers.BertConfig(vocab_size=60, hidden_size=64, num_hidden_layers=2,
+                                                        num_attention_heads=4, intermediate_size=128)).eval()
+    m = load_model(hf)
+    ids = torch.randint(1, 60, (1, 8))
+    v = torch.randn(64)
+    dense = hf.encoder.layer[0].attention.output.dense
+    with torch.no_grad():
+        with m.add_to_attention_output(0, v):
+            injected = hf(input_ids=ids).last_hidden_state
+        h = dense.register_forward_hook(lambda mod, a, out: out + v)
+        expected = hf(input_ids=ids).last_hidden_state
+        h.remove()
+        plain = hf(input_ids=ids).last_hidden_state
+    torch.testing.assert_close(injected, expected)
+    assert (injected - plain).abs().max() > 0.1

@@ -388,6 +388,18 @@ def test_cli_refuses_an_activation_cache_collected_otherwise(tmp_path, capsys):
     assert "'seq_len': (32, 64)" in capsys.readouterr().err
 
 
+def test_store_saved_elsewhere_after_spilling_holds_every_shard(tmp_path):
+    """save(other folder) after the store spilled to its spill_dir copies the spilled shards (it wrote
+    only a manifest, and open() then refused the folder)."""
+    x = torch.randn(450, 4)
+    st = ActivationStore(d_in=4, shard_tokens=100, max_memory_tokens=150, spill_dir=tmp_path / "spill")
+    st.add(x)
+    st.finish()
+    back = ActivationStore.open(st.save(tmp_path / "saved"))
+    assert back.n_shards == 4
+    torch.testing.assert_close(torch.cat([back.shard(i) for i in range(4)]), x[:400])
+
+
 def test_store_refuses_a_batch_larger_than_its_shard_groups():
     st = ActivationStore(d_in=4, shard_tokens=100)
     st.add(torch.randn(100, 4))
