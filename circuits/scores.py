@@ -115,8 +115,9 @@ class Validation:
         n = len(self.random_k_damage)
         if not n:
             return f"no causal check of the {self.kind} heads: {self.notes}"
-        spread = (f"{n} random {self.k}-head sets: {min(self.random_k_damage):.4g} to {self.random_max:.4g}, "
-                  f"median {self.random_median:.4g}; empirical p = {self.p_value:.2g}")
+        # + 0.0: a damage of -0.0 (recall unchanged) would print as "-0"
+        spread = (f"{n} random {self.k}-head sets: {min(self.random_k_damage) + 0.0:.4g} to "
+                  f"{self.random_max + 0.0:.4g}, median {self.random_median + 0.0:.4g}; empirical p = {self.p_value:.2g}")
         if self.beats_random:
             ratio = (f", {self.top_k_damage / self.random_max:.1f}x the damage of the most damaging random set"
                      if self.random_max > 0 else "")
