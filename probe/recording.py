@@ -67,6 +67,8 @@ class Recording:
             raise RecordingError(f"statistic {name!r} was not recorded; recorded: {sorted(self.stats)}. "
                                  "Ask for it in model.record(stats=StatsRequest(...)).")
         t = self.stats[name]
+        if head is not None and layer is None:  # a head index means nothing without its layer
+            raise HeadIndexError(f"stat({name!r}, head={head}) needs the layer too: stat(name, layer, head).")
         if layer is not None:
             self.meta.check_layer(layer)
             t = t[:, layer]

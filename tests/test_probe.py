@@ -88,6 +88,7 @@ def test_layer_and_head_out_of_range(model):
     cases = [
         lambda: rec.stat("entropy", layer=L),
         lambda: rec.stat("entropy", layer=0, head=H),
+        lambda: rec.stat("entropy", head=0),  # a head without its layer (returned every layer's before)
         lambda: rec.pattern(0, H),
         lambda: rec.pattern(-1, 0),
         lambda: rec.z(L),
