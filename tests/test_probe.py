@@ -88,7 +88,6 @@ def test_layer_and_head_out_of_range(model):
     cases = [
         lambda: rec.stat("entropy", layer=L),
         lambda: rec.stat("entropy", layer=0, head=H),
-        lambda: rec.stat("entropy", head=0),  # a head without its layer (returned every layer's before)
         lambda: rec.pattern(0, H),
         lambda: rec.pattern(-1, 0),
         lambda: rec.z(L),
@@ -102,6 +101,8 @@ def test_layer_and_head_out_of_range(model):
     for i, case in enumerate(cases):
         with pytest.raises(HeadIndexError, match="out of range"):
             case()
+    with pytest.raises(HeadIndexError, match="needs the layer too"):
+        rec.stat("entropy", head=0)  # a head without its layer (returned every layer's heads before)
     assert model.state.recorder is None and not model.state.edits
     with pytest.raises(HeadIndexError, match="not recorded"):
         rec.pattern(1, 0)
