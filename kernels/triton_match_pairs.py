@@ -152,17 +152,19 @@ def _pair_mass_kernel(
 
 
 @triton.jit
-def _pair_ranges_kernel(SortedQ, PermQ, SortedK, PermK, KLo, KHi, Sq, Sk, OFF, n_tiles, n_steps,
+def _pair_ranges_kernel(SortedQ, PermQ, SortedK, PermK, KLo, KHi, NSent, Sq, Sk, OFF, n_tiles, n_steps,
                         BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr, CAUSAL: tl.constexpr):
     """Grid (cdiv(n_tiles, BLOCK_T), B): each query tile's range [KLo, KHi) of sorted keys, by two
     binary searches vectorised over BLOCK_T tiles (n_steps = bit length of Sk). Lower end: the first
-    key whose token is >= the tile's first token; upper end: the first key past (last token, last
-    row's position) in (token, position) order (past the last token alone when not causal)."""
+    key whose token is >= the tile's first token that is not the sentinel (NSent [B]: sentinel rows,
+    sorted first; a tile that starts with them would otherwise walk every key below its last token);
+    upper end: the first key past (last token, last row's position) in (token, position) order (past
+    the last token alone when not causal)."""
     b64 = tl.program_id(1).to(tl.int64)
     u = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     u_ok = u < n_tiles
-    first = u * BLOCK_M
-    last = tl.minimum(first + BLOCK_M - 1, Sq - 1)
+    last = tl.minimum(u * BLOCK_M + BLOCK_M - 1, Sq - 1)
+    first = tl.minimum(tl.maximum(u * BLOCK_M, tl.load(NSent + b64)), last)
     t_first = tl.load(SortedQ + b64 * Sq + first, mask=u_ok, other=0)
     t_last = tl.load(SortedQ + b64 * Sq + last, mask=u_ok, other=0)
     if CAUSAL:
@@ -216,9 +218,10 @@ def pair_plan(perm_q: torch.Tensor, sorted_q: torch.Tensor, tok_k: torch.Tensor,
     n_tiles = triton.cdiv(Sq, block_m)
     k_lo = torch.empty(B, n_tiles, dtype=torch.int32, device=sorted_q.device)
     k_hi = torch.empty_like(k_lo)
+    n_sent = (sorted_q == _Q_SENTINEL).sum(1, dtype=torch.int32)  # padded (and hot) rows, sorted first
     block_t = 64
     _pair_ranges_kernel[(triton.cdiv(n_tiles, block_t), B)](
-        sorted_q, perm_q, sorted_k, perm_k, k_lo, k_hi, Sq, Sk, Sk - Sq, n_tiles, max(1, Sk.bit_length()),
+        sorted_q, perm_q, sorted_k, perm_k, k_lo, k_hi, n_sent, Sq, Sk, Sk - Sq, n_tiles, max(1, Sk.bit_length()),
         BLOCK_M=block_m, BLOCK_T=block_t, CAUSAL=causal)
     return perm_q, sorted_q, perm_k, sorted_k, k_lo, k_hi
 

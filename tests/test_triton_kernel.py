@@ -708,11 +708,14 @@ def test_pair_plan_ranges_match_searchsorted():
         tok = torch.randint(0, vocab, (2, Sk), generator=g, dtype=torch.int32)
         tq = tok[:, Sk - Sq:].contiguous()
         tq[0, :5] = -2147483647  # padded query rows carry the sentinel
+        tq[1, :20] = -2147483647  # hot rows too: whole sentinel tiles, then a tile that starts with some
         perm_q, sorted_q, perm_k, sorted_k, k_lo, k_hi = pair_plan(*sort_rows(tq), tok, bm, causal)
         ck = sorted_k.long() * (Sk + 1) + perm_k
-        first = torch.arange(0, Sq, bm)
-        last = torch.clamp(first + bm - 1, max=Sq - 1)
+        last = torch.clamp(torch.arange(0, Sq, bm) + bm - 1, max=Sq - 1)
+        # a tile's lower end comes from its first row that is not the sentinel (sorted first)
+        n_sent = (sorted_q == -2147483647).sum(1, keepdim=True)
+        first = torch.minimum(torch.maximum(torch.arange(0, Sq, bm)[None], n_sent), last[None])
         pos_last = perm_q[:, last] + (Sk - Sq) if causal else torch.full((2, len(last)), Sk)
-        lo = torch.searchsorted(ck, (sorted_q[:, first].long() * (Sk + 1)).contiguous())
+        lo = torch.searchsorted(ck, (sorted_q.gather(1, first).long() * (Sk + 1)).contiguous())
         hi = torch.searchsorted(ck, (sorted_q[:, last].long() * (Sk + 1) + pos_last).contiguous(), right=True)
         assert torch.equal(k_lo.long(), lo) and torch.equal(k_hi.long(), torch.maximum(hi, lo)), (causal, vocab)
