@@ -106,6 +106,35 @@ def test_forward_matches_definition(arch):
         assert (out["f"] > 0).sum() <= 5 * 16
 
 
+def test_batchtopk_threshold_is_a_mean_of_the_first_batches_then_a_moving_average():
+    """The inference threshold: the first batch's smallest kept activation, then the plain mean of the
+    batches' minima up to 100 updates, then a 0.99 moving average; a loaded SAE (no count) goes
+    straight to the moving average. Started from the first batch with 0.99, a 60-step SAE kept ~55% of
+    that batch's value (inference L0 2.2 for k = 8)."""
+    s = _rand_sae("batchtopk")
+    s.train()
+    mins = []
+    for i in range(103):
+        x = torch.randn(64, 12) * (1 + i / 50)
+        f = s(x)["f"]
+        mins.append(float(f[f > 0].min()))
+        s.loss(x)
+    mean100 = sum(mins[:100]) / 100
+    expect = mean100
+    for m in mins[100:]:
+        expect = 0.99 * expect + 0.01 * m
+    assert abs(float(s.threshold) - expect) < 1e-4 * expect
+    t = _rand_sae("batchtopk")
+    t.load_state_dict(s.state_dict())
+    t.train()
+    x = torch.randn(64, 12)
+    f = t(x)["f"]
+    m = float(f[f > 0].min())
+    before = float(t.threshold)
+    t.loss(x)
+    assert abs(float(t.threshold) - (0.99 * before + 0.01 * m)) < 1e-5
+
+
 def test_batchtopk_inference_threshold_and_topk_aux_loss():
     s = _rand_sae("batchtopk")
     x = torch.randn(64, 12)
