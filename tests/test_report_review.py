@@ -121,6 +121,9 @@ def test_validation_figure_shows_the_control_beside_the_behaviour():
     assert [0.1462, 0.005, 0.01, 0.02] in [[round(y, 6) for y in t] for t in ys]
     names = " ".join(str(t.name) for t in fig.data)
     assert "invariant facts" in names and "temporal facts" in names
+    # the dashed line is the bar the top set must clear: the largest random set, not the median
+    line = [sh for sh in fig.layout.shapes if sh.type == "line"]
+    assert len(line) == 1 and line[0].y0 == 0.02
 
 
 @pytest.mark.parametrize("kind, words", [("sink", "key 0"), ("retrieval", "answer span"),
