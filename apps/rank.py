@@ -133,10 +133,13 @@ def run_rank(opts: RankOptions) -> dict[str, DetectorResult] | None:
                              run_info={"processes": info["processes"], "seed": opts.seed, "device": opts.device,
                                        **{k: round(v, 2) for k, v in timing.items()}})
         (stage.path / "report.html").write_text(html, encoding="utf-8")
+        stage_replaced = stage.replaces
         out = stage.commit()
         stage = None
         print(top_heads_text(results, min(opts.top_k, 5)))
-        print(f"report: {out / 'report.html'}  (heads.csv, heads.json, run.json beside it; {timing['total_s']:.0f} s)")
+        note = "; it replaced the earlier report there" if stage_replaced else ""
+        print(f"report: {out / 'report.html'}  (heads.csv, heads.json, run.json beside it; "
+              f"{timing['total_s']:.0f} s{note})")
         return results
     finally:
         if stage is not None:

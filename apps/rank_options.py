@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tomllib
 from dataclasses import dataclass, field
 
@@ -190,7 +191,15 @@ def _check(opts: RankOptions) -> None:
         check_params(kind, dcfg)
         if dcfg.prompts_file is not None and dcfg.prompts_file != opts.prompts:
             check_prompt_file(dcfg.prompts_file)  # set in the kind's own table
+        if dcfg.prompts_file is not None and getattr(detector, "check_prompts", None) is not None:
+            check_prompt_file(dcfg.prompts_file)
+            detector.check_prompts(dcfg.prompts_file)  # its own format (temporal: jsonl facts)
+        if dcfg.prompts_file is not None and getattr(detector, "uses_prompts", True) is False:
+            print(f"headscope rank: note: {kind} does not read the prompt file (it runs on repeated random "
+                  "tokens).", file=sys.stderr)
         minimum = getattr(detector, "min_seq_len", None)
+        if callable(minimum):
+            minimum = minimum(dcfg)
         seq_len = dcfg.seq_len
         if minimum is not None and seq_len is not None and seq_len < minimum:
             raise InputError(f"--seq-len {seq_len} is too short for the {kind} detector: it needs at least "

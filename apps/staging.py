@@ -13,8 +13,10 @@ from pathlib import Path
 
 from .errors import OutputError
 
-# A directory holding this file is a headscope report we may replace.
+# A directory holding this file is a headscope report we may replace...
 REPORT_MARKER = "heads.json"
+# ...if it holds nothing but what a report writes: anything else would go with it.
+REPORT_FILES = {"heads.json", "heads.csv", "report.html", "run.json"}
 
 
 class StagedDir:
@@ -32,6 +34,14 @@ class StagedDir:
         if self.out.is_dir() and any(self.out.iterdir()) and not (self.out / REPORT_MARKER).exists():
             raise OutputError(f"--out {str(self.out)!r} is a non-empty directory that does not hold a headscope "
                               "report; refusing to replace it. Choose another --out.")
+        self.replaces = self.out.is_dir() and (self.out / REPORT_MARKER).exists()
+        if self.replaces:
+            others = sorted(p.name for p in self.out.iterdir() if p.name not in REPORT_FILES)
+            if others:
+                raise OutputError(f"--out {str(self.out)!r} holds a headscope report and other files "
+                                  f"({', '.join(others[:5])}{', ...' if len(others) > 5 else ''}); the new report "
+                                  "replaces the whole directory, so they would be deleted. Move them, or choose "
+                                  "another --out.")
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             self.path = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.partial-", dir=self.out.parent))

@@ -260,5 +260,18 @@ def detect_duplicate_token(model, config: DetectorConfig) -> DetectorResult:
 # Parameters each detector reads from `config.params` (misspelt ones are refused, not ignored).
 _COMMON = ("bos", "tl_exclude_bos", "tl_exclude_current_token", "validation_prompts")
 detect_previous_token.known_params = _COMMON
+
+
+def _min_len(base: int):
+    """The shortest seq_len a detector runs on, for the CLI's check before the model loads: the BOS
+    token counts unless the config turns it off (a model without one may run on one token less)."""
+    return lambda config: base + (0 if config.params.get("bos", True) is False else 1)
+
+
+# induction and duplicate_token run on repeated random tokens: a --prompts file is not theirs to read
+detect_induction.uses_prompts = detect_duplicate_token.uses_prompts = False
+detect_previous_token.min_seq_len = _min_len(2)
+detect_induction.min_seq_len = _min_len(2 * MIN_PERIOD)
+detect_duplicate_token.min_seq_len = _min_len(2 * MIN_PERIOD)
 detect_induction.known_params = _COMMON + ("prefix_period", "prefix_repeats")
 detect_duplicate_token.known_params = _COMMON

@@ -176,3 +176,6 @@ def detect_temporal(model: HeadscopeModel, config: DetectorConfig | None = None)
 
 
 detect_temporal.known_params = tuple(DEFAULTS)
+# The CLI reads a --prompts file through this before any detector runs (a plain .txt fails here,
+# not after the other detectors' minutes of work).
+detect_temporal.check_prompts = load_facts

@@ -9,8 +9,9 @@ Under `torchrun` (multi-process `headscope rank`) every process runs every detec
 prompt set from the seed, loop over `headscope.circuits.sharding.shard(prompts)` only, accumulate
 sums and counts, merge them with `sharding.all_reduce_sum` before dividing (see that module's
 docstring). In one process those calls are the identity. Raise `InputError` before any heavy work
-when `config.seq_len` is too short for the detector (optionally also expose the minimum as a
-`min_seq_len` attribute of the function, which the CLI checks before loading the model).
+when `config.seq_len` is too short for the detector, and expose the minimum as a `min_seq_len`
+attribute of the function (an int, or `config -> int`), which the CLI checks before loading the model:
+otherwise a short --seq-len stops the run at that detector, after the others' work.
 """
 
 from __future__ import annotations

@@ -170,6 +170,40 @@ def test_refuses_to_replace_a_directory_that_is_not_a_report(tmp_path, fake_regi
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
 
 
+def test_refuses_to_replace_a_report_that_holds_other_files(tmp_path, fake_registry, capsys):
+    """Replacing a report replaces its directory: files the user added there went with it, silently.
+    Refused now; a plain report is replaced, and the command says so."""
+    out = tmp_path / "report"
+    assert run_cli("--detectors", "sink", "--out", str(out), *SMALL) == 0
+    assert "replaced the earlier report" not in capsys.readouterr().out
+    assert run_cli("--detectors", "sink", "--out", str(out), *SMALL) == 0
+    assert "replaced the earlier report" in capsys.readouterr().out
+    (out / "notes.txt").write_text("mine")
+    assert run_cli("--detectors", "sink", "--out", str(out), *SMALL) == 2
+    assert "notes.txt" in capsys.readouterr().err
+    assert (out / "notes.txt").read_text() == "mine" and (out / "heads.json").exists()
+
+
+def test_inputs_a_late_detector_cannot_use_are_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    """With the shipped detectors: a --seq-len too short for induction, or a plain-text prompt file
+    for temporal (which reads jsonl facts), stopped the run only when that detector started, after
+    the earlier ones' minutes of work, and wrote nothing. Both are refused before the model loads;
+    detectors that do not read the prompt file say so."""
+    from headscope.probe import loading
+    monkeypatch.setattr(loading, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    assert run_cli("--detectors", "previous_token,induction", "--seq-len", "8", "--out", str(tmp_path / "a")) == 2
+    assert "--seq-len 8 is too short for the induction detector: it needs at least 9" in capsys.readouterr().err
+    txt = tmp_path / "my prompts.txt"
+    txt.write_text("The cat sat on the mat.\nParis is in France.\n")
+    assert run_cli("--detectors", "previous_token,temporal", "--prompts", str(txt), "--out", str(tmp_path / "b")) == 2
+    assert "not a temporal fact" in capsys.readouterr().err
+    assert run_cli("--detectors", "induction", "--prompts", str(txt), "--seq-len", "8",
+                   "--out", str(tmp_path / "c")) == 2
+    err = capsys.readouterr().err
+    assert "induction does not read the prompt file" in err and "too short" in err
+    assert not any(p.name in ("a", "b", "c") for p in tmp_path.iterdir())
+
+
 def _torchrun(nproc: int, out: Path, extra: list[str], **env_extra) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE), **env_extra}
     cmd = [str(VENV_BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(HERE / "cli_fake_detectors.py"),

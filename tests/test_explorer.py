@@ -378,6 +378,16 @@ def test_sae_page_latents_attribution_and_contexts(app, model, saved_sae):
 
     at.number_input(key="sae_latent").set_value(64).run()
     assert any("latent 64 is out of range" in e for e in errors(at))
+    # the folder rewritten on disk (a new training run into it): the page reads it again
+    import shutil
+
+    from headscope.sae.architectures import SAE, SAEConfig
+    from headscope.sae.saelens_format import save_sae
+    shutil.rmtree(path)
+    save_sae(SAE(SAEConfig(d_in=9 * 64, d_sae=32, arch="topk", k=8, model="smollm2-135m-instruct", layer=2,
+                           site="z", n_heads=9, head_dim=64)), path)
+    at.number_input(key="sae_latent").set_value(0).run()
+    assert errors(at) == [] and "32 latents" in at.caption[0].value
     at.text_input(key="sae_dir").set_value(str(path.parent / "nothing")).run()
     assert errors(at)  # a missing SAE directory is an in-page error
 
