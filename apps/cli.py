@@ -73,8 +73,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"headscope {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"headscope {args.command}: interrupted; nothing was written.", file=sys.stderr)
+        print(f"headscope {args.command}: interrupted; {_left_behind(args)}", file=sys.stderr)
         return 130
+
+
+def _left_behind(args) -> str:
+    """What an interrupted command leaves: rank stages its report (nothing at --out changes); sae train
+    writes checkpoints as it goes, which --resume continues from."""
+    if getattr(args, "sae_command", None) == "train":
+        return (f"the checkpoints written so far stay in {args.out}; run the same command with --resume "
+                "to continue.")
+    if args.command == "rank":
+        return "nothing was written."
+    return "its output may be incomplete."
 
 
 if __name__ == "__main__":

@@ -29,13 +29,20 @@ def head_map(grid: np.ndarray, title: str, selected: tuple[int, int] | None = No
     cell = int(np.clip(760 / max(L, 1), 8, 28))
     scale, reverse, mid = score_scale(grid)
     fig = go.Figure(go.Scatter(
-        x=layer.ravel(), y=head.ravel(), mode="markers",
-        marker=dict(symbol="square", size=cell - 2, color=np.where(finite, z, np.nan), colorscale=scale,
+        x=layer.ravel()[finite], y=head.ravel()[finite], mode="markers",
+        marker=dict(symbol="square", size=cell - 2, color=z[finite], colorscale=scale,
                     reversescale=reverse, cmid=mid, showscale=True, colorbar=dict(title="score"), line=dict(width=0)),
-        customdata=np.where(finite, z, np.nan),
+        customdata=z[finite],
         hovertemplate="layer %{x}, head %{y}<br>score %{customdata:.4f}<extra></extra>",
         name="heads",
     ))
+    if not finite.all():
+        # Unscored heads as open grey squares: a filled NaN marker is drawn dark grey, which reads as a
+        # low score beside Viridis's dark end (the HTML report leaves those cells blank).
+        fig.add_trace(go.Scatter(
+            x=layer.ravel()[~finite], y=head.ravel()[~finite], mode="markers",
+            marker=dict(symbol="square-open", size=cell - 4, color="#bbbbbb", line=dict(width=1)),
+            hovertemplate="layer %{x}, head %{y}<br>not scored<extra></extra>", name="not scored"))
     if selected is not None:
         fig.add_trace(go.Scatter(x=[selected[0]], y=[selected[1]], mode="markers", hoverinfo="skip",
                                  marker=dict(symbol="square-open", size=cell + 2, color="red", line=dict(width=3)),

@@ -204,6 +204,21 @@ def test_inputs_a_late_detector_cannot_use_are_refused_before_any_work(tmp_path,
     assert not any(p.name in ("a", "b", "c") for p in tmp_path.iterdir())
 
 
+def test_an_interrupted_command_says_what_it_left(tmp_path, capsys, monkeypatch):
+    """sae train writes checkpoints as it goes: on Ctrl-C / SIGTERM it said "nothing was written", and
+    the same command then refused the non-empty --out. rank stages its report, so nothing changed."""
+    from headscope.apps import sae_cli
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sae_cli, "cmd_train", interrupted)
+    monkeypatch.setattr(sae_cli, "cmd_eval", interrupted)
+    assert main(["sae", "train", "--layer", "3", "--out", str(tmp_path / "sae")]) == 130
+    err = capsys.readouterr().err
+    assert "checkpoints written so far stay in" in err and "--resume" in err and "nothing was written" not in err
+
+
 def _torchrun(nproc: int, out: Path, extra: list[str], **env_extra) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(HERE), **env_extra}
     cmd = [str(VENV_BIN / "torchrun"), "--standalone", f"--nproc_per_node={nproc}", str(HERE / "cli_fake_detectors.py"),

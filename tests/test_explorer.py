@@ -174,6 +174,19 @@ def test_clicked_point_selects_that_head():
     assert S.point_to_head({"curveNumber": 0}) is None
 
 
+def test_unscored_heads_are_drawn_apart_from_low_scores():
+    """NaN heads were filled markers in the colour trace (drawn dark grey next to Viridis's dark low
+    end); they are now a separate trace of open squares, and the colour trace holds scores only."""
+    grid = np.arange(30 * 9, dtype=float).reshape(30, 9)
+    grid[2] = np.nan
+    fig = head_map(grid, "t")
+    scored, unscored = fig.data
+    assert np.isfinite(np.asarray(scored.marker.color, float)).all() and len(scored.x) == 29 * 9
+    assert set(unscored.x) == {2} and len(unscored.y) == 9 and unscored.marker.symbol == "square-open"
+    i = list(zip(scored.x, scored.y)).index((17, 5))
+    assert scored.marker.color[i] == grid[17, 5]
+
+
 def test_prompt_maps_match_materialised_attention(app, model):
     at = app()
     assert errors(at) == []
