@@ -284,7 +284,7 @@ def test_two_processes_match_one_shipped_sink(tmp_path, shared_model):
 
 def test_rank_with_the_real_sink_and_previous_token_detectors(tmp_path, shared_model, capsys):
     """The shipped detectors through the CLI, at tiny sizes: schema, Gu et al.'s Sink_1^eps in the
-    summary, the real detectors' own seq_len checks reported as bad input."""
+    summary, a real detector's minimum seq_len reported as bad input."""
     pytest.importorskip("headscope.circuits.detect_sink")
     pytest.importorskip("headscope.circuits.detect_positional")
     cfg = tmp_path / "tiny.toml"
@@ -301,10 +301,11 @@ def test_rank_with_the_real_sink_and_previous_token_detectors(tmp_path, shared_m
     assert doc["summary"]["sink"]["sink_ratio"] == pytest.approx(float((sink["score"] > eps).mean()))
     assert sink["score"].between(0, 1).all() and sorted(sink["rank"]) == list(range(1, 271))
     assert "sink_ratio" in (out / "report.html").read_text()
-    # A real detector's own check on seq_len (induction needs a period of at least 4 tokens).
+    # A real detector's minimum seq_len (induction needs a period of at least 4 tokens), checked by the
+    # CLI from the detector's min_seq_len before the model loads.
     assert run_cli("--detectors", "induction", "--seq-len", "6", "--out", str(tmp_path / "short"), "--quiet") == 2
     err = capsys.readouterr().err
-    assert "induction" in err and "seq_len" in err and not (tmp_path / "short").exists()
+    assert "--seq-len 6 is too short for the induction detector" in err and not (tmp_path / "short").exists()
 
 
 def test_kind_tables_typos_and_prompt_files(tmp_path, capsys):
