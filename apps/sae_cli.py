@@ -91,6 +91,8 @@ def cmd_train(args) -> int:
     if args.tokens < args.batch_size:
         raise CLIError(f"--tokens {args.tokens} is fewer than one batch (--batch-size {args.batch_size}).")
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory; give a folder for the SAE and its checkpoints.")
     if out.exists() and any(out.iterdir()) and not args.resume:
         raise CLIError(f"{out} is not empty; pick a new --out or pass --resume (nothing was overwritten).")
     # read now: an empty / non-text corpus fails before the model loads

@@ -382,6 +382,9 @@ def test_cli_bad_inputs_leave_files_alone(tmp_path, capsys):
     (out / "keep.txt").write_text("mine")
     assert main(["sae", "train", "--layer", "3", "--out", str(out), "--tokens", "2048"]) == 2
     assert "not empty" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
+    # an --out that is a file: a clean refusal (a NotADirectoryError traceback before)
+    assert main(["sae", "train", "--layer", "3", "--out", str(out / "keep.txt"), "--tokens", "2048"]) == 2
+    assert "not a directory" in capsys.readouterr().err and (out / "keep.txt").read_text() == "mine"
     assert main(["sae", "train", "--layer", "30", "--out", str(tmp_path / "a"), "--tokens", "2048"]) == 2
     assert "layer" in capsys.readouterr().err
     assert main(["sae", "train", "--layer", "3", "--k", "100000", "--expansion", "1", "--out", str(tmp_path / "b"),
