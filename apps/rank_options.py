@@ -180,6 +180,8 @@ def _check(opts: RankOptions) -> None:
         raise ConfigError(f"dtype {opts.dtype!r} is not one of {', '.join(DTYPES)}.")
     if opts.device_map not in (None, "auto"):
         raise ConfigError(f"device-map must be 'auto' (or absent), got {opts.device_map!r}.")
+    if opts.prompts is not None:
+        check_prompt_file(opts.prompts)  # readable text first; a detector's own format below
     for kind in opts.kinds:
         try:
             detector = get_detector(kind)
@@ -192,7 +194,6 @@ def _check(opts: RankOptions) -> None:
         if dcfg.prompts_file is not None and dcfg.prompts_file != opts.prompts:
             check_prompt_file(dcfg.prompts_file)  # set in the kind's own table
         if dcfg.prompts_file is not None and getattr(detector, "check_prompts", None) is not None:
-            check_prompt_file(dcfg.prompts_file)
             detector.check_prompts(dcfg.prompts_file)  # its own format (temporal: jsonl facts)
         if dcfg.prompts_file is not None and getattr(detector, "uses_prompts", True) is False:
             print(f"headscope rank: note: {kind} does not read the prompt file (it runs on repeated random "
@@ -204,8 +205,6 @@ def _check(opts: RankOptions) -> None:
         if minimum is not None and seq_len is not None and seq_len < minimum:
             raise InputError(f"--seq-len {seq_len} is too short for the {kind} detector: it needs at least "
                              f"{minimum} tokens.")
-    if opts.prompts is not None:
-        check_prompt_file(opts.prompts)
 
 
 def check_prompt_file(path: str) -> None:

@@ -207,7 +207,7 @@ def validate_retrieval(model: HeadscopeModel, scores: pd.DataFrame, prompts: lis
     """Needle accuracy (ROUGE-1 recall) lost when the top-k retrieval heads are masked vs k random heads."""
     if not prompts:
         raise InputError("retrieval validation needs at least one needle prompt.")
-    top = top_heads(scores.dropna(subset=["score"]), k)
+    top = top_heads(scores, k)
     return validate_heads(model, "retrieval", top, lambda m: needle_accuracy(m, prompts, max_new_tokens), k,
                           n_random, seed, metric=f"needle ROUGE-1 recall lost ({mode} attention masking)",
                           ablate=lambda m, heads: ablate_heads(m, heads, mode=mode), higher_is_worse=False,

@@ -105,7 +105,7 @@ def validate_temporal(model: HeadscopeModel, scores, temporal: list[TemporalFact
     ablated vs k random heads -> (Validation, the same numbers on the invariant controls, same head sets)."""
     if not temporal or not invariant:
         raise InputError("temporal validation needs temporal facts and invariant controls.")
-    top = top_heads(scores.dropna(subset=["score"]), k)
+    top = top_heads(scores, k)
 
     def run(facts, what):
         return validate_heads(model, "temporal", top, lambda m: float(candidate_probability(m, facts).mean()), k,

@@ -86,7 +86,6 @@ class Recorder:
         self.max_pattern_bytes = max_pattern_bytes
         self._segments: list[dict] = []
         self._seg: dict | None = None
-        self._pattern_bytes = 0  # patterns of the segments before the current one
 
     # ---- called by the forward pre-hook ---------------------------------------------------
     def begin_call(self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, seq_len: int,
@@ -108,7 +107,6 @@ class Recorder:
         if not continuing:
             if self._seg is not None:
                 self._segments.append(self._seg)
-                self._pattern_bytes += self._seg.get("pattern_bytes", 0)
             self._seg = {"tokens": None, "mask": None, "layers": {}, "batch": batch, "ids_known": True}
         seg = self._seg
         # The segment's tokens are known only if every call gave input_ids: a prefill from
@@ -124,8 +122,6 @@ class Recorder:
         else:
             seg["mask"] = torch.ones(batch, total, dtype=torch.bool, device=self.device)
         seg["len"] = total
-        if self.patterns is not None:
-            seg["pattern_bytes"] = batch * len(self.patterns.layers) * len(self.patterns.heads) * total * total * 4
 
     def _check_pattern_memory(self, batch: int, total: int, continuing: bool) -> None:
         """Refuse before the forward when the patterns, at their assembly peak, exceed the budget.
@@ -133,8 +129,10 @@ class Recorder:
         A decode step grows the current segment to `total` tokens; a new forward adds a segment."""
         if self.patterns is None:
             return
-        need = batch * len(self.patterns.layers) * len(self.patterns.heads) * total * total * 4
-        before = self._pattern_bytes + (self._seg.get("pattern_bytes", 0) if not continuing and self._seg else 0)
+        need = self._pattern_size(batch, total)
+        # the segments kept so far (the current one too, unless this call continues it)
+        kept = self._segments + ([self._seg] if self._seg is not None and not continuing else [])
+        before = sum(self._pattern_size(s["batch"], s["len"]) for s in kept)
         peak = (before + need) * _PATTERN_PEAK_COPIES
         budget = self.max_pattern_bytes
         if budget is None:
@@ -147,6 +145,10 @@ class Recorder:
                 f"{_PATTERN_PEAK_COPIES}x that while they are assembled, but only {budget / 2**30:.2f} GiB may "
                 "be used. Record statistics instead (they are O(S)), or ask for fewer layers/heads or a "
                 "shorter input.")
+
+    def _pattern_size(self, batch: int, total: int) -> int:
+        """Bytes of the float32 patterns [batch, layers, heads, total, total] one segment keeps."""
+        return batch * len(self.patterns.layers) * len(self.patterns.heads) * total * total * 4
 
     # ---- called by the attention function -------------------------------------------------
     def key_tokens(self, Sk: int) -> torch.Tensor:
