@@ -30,7 +30,8 @@ from .detectors import DetectorConfig, check_params
 from .patching import last_logits, patch_heads
 from .scores import DetectorResult, Validation, head_scores, top_heads
 from .validation import validate_heads
-from .temporal import TemporalFact, answer_ids, candidate_eval, candidate_probability, load_facts, prompt_ids, year_positions
+from .temporal import (TemporalFact, answer_ids, candidate_eval, candidate_probability, load_facts, phrase_positions,
+                       prompt_ids)
 
 DEFAULTS = {"ablation_mode": "zero", "heads_per_batch": 64}
 DEFAULT_FACTS = 24
@@ -54,7 +55,7 @@ def year_attention(model: HeadscopeModel, facts: list[TemporalFact]) -> torch.Te
     for f in facts:
         ids = torch.tensor([prompt_ids(model, f.prompt)], device=model.device)
         keys = torch.zeros_like(ids, dtype=torch.bool)
-        keys[0, year_positions(model, f.prompt, f.year)] = True
+        keys[0, phrase_positions(model, f.prompt, f.year)] = True
         _, rec = model.run_recorded(ids, None, StatsRequest(keyset=True), keyset=keys)
         total += rec.stats["keyset_mass"][0, :, :, -1].float().cpu()
     return total / len(facts)

@@ -84,11 +84,14 @@ def answer_ids(model: HeadscopeModel, answer: str) -> list[int]:
     return _ids(model.tokenizer, " " + answer)
 
 
-def year_positions(model: HeadscopeModel, text: str, year: str) -> list[int]:
-    """Token positions (in prompt_ids(text)) that cover the year's characters."""
+def phrase_positions(model: HeadscopeModel, text: str, phrase: str) -> list[int]:
+    """Token positions (in prompt_ids(text)) that cover the characters of the first occurrence of
+    `phrase` (a year, a name) in text."""
+    if not phrase or phrase not in text:
+        raise InputError(f"{phrase!r} does not occur in {text!r}.")
     enc = model.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    a = text.index(year)
-    b = a + len(year)
+    a = text.index(phrase)
+    b = a + len(phrase)
     shift = 1 if model.tokenizer.bos_token_id is not None else 0
     return [t + shift for t, (s, e) in enumerate(enc["offset_mapping"]) if e > a and s < b and e > s]
 

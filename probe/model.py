@@ -237,6 +237,9 @@ class HeadscopeModel:
             self.meta.check_layer(layer)
             if edit.head_mask is not None and edit.head_mask.shape != (self.meta.n_heads,):
                 raise InputError(f"head_mask of layer {layer} must have shape [{self.meta.n_heads}].")
+            if edit.value_delta is not None and edit.value_delta.shape[-2] != self.meta.n_heads:
+                raise InputError(f"value_delta of layer {layer} must be [H, D] or [B, H, D] with H = "
+                                 f"{self.meta.n_heads}, got {tuple(edit.value_delta.shape)}.")
         for layer, edit in edits.items():
             self.state.edits.setdefault(layer, []).append(edit)
         try:

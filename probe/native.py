@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import weakref
 from contextlib import contextmanager
+from dataclasses import replace
 
 import torch
 
@@ -23,7 +24,7 @@ from headscope.kernels import KeyBias, KeyScale, StatsRequest, attention
 from headscope.kernels.errors import KernelInputError
 
 from .call_args import bound_arguments, call_cache, call_length, past_length
-from .edits import LayerEdit, keys_of_call, merge_edits
+from .edits import LayerEdit, add_value_delta, keys_of_call, merge_edits
 from .errors import InputError, RecordingError
 
 IMPL = "headscope"
@@ -271,7 +272,8 @@ def _plain_attention_suffices(state, rec, edit, key_valid, window, softcap, caus
     handles without a mask (no padding, window or softcap; all queries at once or one decode step)."""
     if rec is not None or query.is_cuda or (state is not None and state.backend != "auto"):
         return False
-    if edit is not None and (edit.keys is not None or (edit.head_mask is not None and edit.head_mask_mode != "zero")):
+    if edit is not None and (edit.keys is not None or edit.value_keys is not None
+                             or (edit.head_mask is not None and edit.head_mask_mode != "zero")):
         return False
     return key_valid is None and window is None and softcap is None and (Sq == Sk or Sq == 1 or not causal)
 
@@ -322,6 +324,17 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
             out = out.masked_fill(edit.head_mask.to(out.device)[None, :, None, None], 0.0)
     else:
         request = rec.request if rec is not None else _NO_STATS
+        keyset = rec.key_set(S) if rec is not None and request.keyset else None
+        if edit is not None and edit.value_keys is not None:
+            if keyset is not None:
+                raise InputError(
+                    f"layer {layer} has a value edit, which uses the attention call's one key set, while the "
+                    "recording asks for keyset_mass: record keyset_mass without the value edit, or the edited "
+                    "run without keyset_mass.")
+            keyset = keys_of_call(edit.value_keys.to(query.device), seq_len, S)
+            if keyset.shape[0] == 1 and B > 1:  # one key set for every example
+                keyset = keyset.expand(B, -1).contiguous()
+            request = replace(request, keyset=True)
         key_scale = key_bias = None
         if edit is not None and edit.keys is not None:
             keys = keys_of_call(edit.keys.to(query.device), seq_len, S)
@@ -333,11 +346,13 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
             query, key, value, causal=causal, sm_scale=scaling, window=window, softcap=kwargs.get("softcap"),
             attention_mask=key_valid,
             token_ids=rec.key_tokens(S) if rec is not None and request.needs_tokens else None,
-            keyset=rec.key_set(S) if rec is not None and request.keyset else None, stats=request,
+            keyset=keyset, stats=request,
             head_mask=edit.head_mask.to(query.device) if edit is not None and edit.head_mask is not None else None,
             head_mask_mode=edit.head_mask_mode if edit is not None else "zero", key_scale=key_scale, key_bias=key_bias,
             pattern_heads=rec.pattern_heads_for(layer) if rec is not None else None,
             backend=state.backend if state is not None else "auto", key_start=key_start)
+        if edit is not None and edit.value_delta is not None:
+            out = add_value_delta(out, stats.pop("keyset_mass"), edit.value_delta, layer)
     if edit is not None and edit.z_fn is not None:
         out = edit.z_fn(out, layer)
     if rec is not None:

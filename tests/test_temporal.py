@@ -7,8 +7,8 @@ import torch
 
 from headscope.circuits.detect_temporal import detect_temporal, year_attention
 from headscope.circuits.detectors import DetectorConfig
-from headscope.circuits.temporal import (answer_ids, candidate_eval, candidate_probability, load_facts, prompt_ids,
-                                         year_positions)
+from headscope.circuits.temporal import (answer_ids, candidate_eval, candidate_probability, load_facts,
+                                         phrase_positions, prompt_ids)
 from headscope.probe.errors import InputError
 
 from eager_reference import eager_patterns
@@ -21,7 +21,7 @@ def test_fact_set_shape(model):
     assert len(temporal) >= 30 and len(invariant) >= 15
     for f in facts:
         assert len(prompt_ids(model, f.prompt)) == len(prompt_ids(model, f.corrupt_prompt)), f.prompt
-        pos = year_positions(model, f.prompt, f.year)
+        pos = phrase_positions(model, f.prompt, f.year)
         assert model.tokenizer.decode(torch.tensor(prompt_ids(model, f.prompt))[pos]).strip() == f.year
         if f.kind == "temporal":
             assert f.answer != f.corrupt_answer and f.year != f.corrupt_year
@@ -71,7 +71,7 @@ def test_year_attention_matches_eager(model):
     ours = year_attention(model, [f])
     ids = torch.tensor([prompt_ids(model, f.prompt)])
     att = eager_patterns(model, ids).unbind(1)  # per layer [B, H, S, S]
-    pos = year_positions(model, f.prompt, f.year)
+    pos = phrase_positions(model, f.prompt, f.year)
     ref = torch.stack([a[0, :, -1, pos].sum(-1) for a in att]).float()
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
 

@@ -1,0 +1,255 @@
+"""Value-vector editing (the temporal-heads edit) against independent references: a plain torch
+hook that rewrites the value projection's output (no headscope machinery), the attention of one head
+materialised from its recorded q, k, v, and single-example runs for batched edits."""
+
+import pytest
+import torch
+
+from headscope.circuits.ablation import ablate_heads
+from headscope.circuits.temporal import load_facts, phrase_positions, prompt_ids
+from headscope.circuits.value_edit import (ValueEditCase, cases_from_facts, edit_values, head_counts, head_values,
+                                           value_edit_sweep, value_means)
+from headscope.kernels.stats import StatsRequest
+from headscope.probe import LayerEdit
+from headscope.probe.errors import InputError
+
+TEXT = "In 2009, the president of Russia was"
+SOURCE = "In 2009, the president of South Korea was"
+LAYER, POS = 4, 3
+
+
+@pytest.fixture(scope="module")
+def ids(model):
+    return torch.tensor([prompt_ids(model, TEXT)], device=model.device)
+
+
+def _delta(model, seed=0, scale=4.0):
+    g = torch.Generator().manual_seed(seed)
+    return scale * torch.randn(model.meta.head_dim, generator=g)
+
+
+def _v_proj_edit_logits(model, ids, layer, kv_head, delta, pos):
+    """Reference: add delta to kv head `kv_head`'s columns of v_proj's output at `pos` (plain hook)."""
+    D = model.meta.head_dim
+    cols = slice(kv_head * D, (kv_head + 1) * D)
+
+    def hook(module, args, out):
+        if out.shape[1] <= pos:  # a cached decode step: the prompt's v is in the cache already
+            return out
+        out = out.clone()
+        out[:, pos, cols] += delta.to(out.dtype)
+        return out
+
+    h = model.attention_modules[layer].v_proj.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            return model.hf(input_ids=ids, use_cache=False).logits.float()
+    finally:
+        h.remove()
+
+
+def test_editing_a_whole_kv_group_equals_editing_its_values(model, ids):
+    group = model.meta.n_heads // model.meta.n_kv_heads
+    delta = _delta(model)
+    ref = _v_proj_edit_logits(model, ids, LAYER, 1, delta, POS)
+    with torch.no_grad():
+        base = model.hf(input_ids=ids, use_cache=False).logits.float()
+        with edit_values(model, {(LAYER, h): delta for h in range(group, 2 * group)}, POS):
+            ours = model.hf(input_ids=ids, use_cache=False).logits.float()
+    assert (ref - base)[0, POS:].abs().max() > 0.05  # the edit matters
+    torch.testing.assert_close(ours, ref, atol=2e-4, rtol=1e-4)
+    # off by one position is a different edit
+    with torch.no_grad(), edit_values(model, {(LAYER, h): delta for h in range(group, 2 * group)}, POS + 1):
+        shifted = model.hf(input_ids=ids, use_cache=False).logits.float()
+    assert (shifted - ref).abs().max() > 1e-2
+
+
+def test_edit_persists_through_cached_generation(model, ids):
+    """Generated tokens attend to the edited key too: greedy generation with the edit equals
+    generation with the value projection rewritten on the prompt pass (the cache keeps it)."""
+    group = model.meta.n_heads // model.meta.n_kv_heads
+    delta = _delta(model, seed=1, scale=8.0)
+    D = model.meta.head_dim
+
+    def hook(module, args, out):
+        if out.shape[1] <= POS:
+            return out
+        out = out.clone()
+        out[:, POS, :D] += delta.to(out.dtype)
+        return out
+
+    kwargs = dict(max_new_tokens=6, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                  pad_token_id=model.tokenizer.eos_token_id, attention_mask=torch.ones_like(ids))
+    h = model.attention_modules[LAYER].v_proj.register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            ref = model.hf.generate(input_ids=ids, **kwargs)
+    finally:
+        h.remove()
+    with torch.no_grad(), edit_values(model, {(LAYER, h): delta for h in range(group)}, POS):
+        ours = model.hf.generate(input_ids=ids, **kwargs)
+    assert torch.equal(ours.sequences, ref.sequences)
+    for a, b in zip(ours.scores, ref.scores):
+        torch.testing.assert_close(a.float(), b.float(), atol=3e-4, rtol=1e-4)
+
+
+def test_one_query_head_against_its_materialised_attention(model, ids):
+    """GQA: editing one query head changes that head only, by softmax(q k^T) @ (v + delta at POS)."""
+    group = model.meta.n_heads // model.meta.n_kv_heads
+    head = group + 1  # the middle head of kv group 1
+    delta = _delta(model, seed=2)
+    _, rec = model.run_recorded(ids, qkv=[LAYER], head_out=[LAYER], stop_after_layer=LAYER)
+    with edit_values(model, {(LAYER, head): delta}, POS):
+        _, edited = model.run_recorded(ids, head_out=[LAYER], stop_after_layer=LAYER)
+    q, k, v = (t[0, 0].float() for t in (rec.q, rec.k, rec.v))  # [H or Hkv, S, D]
+    S = q.shape[1]
+    scores = q[head] @ k[1].T / model.meta.head_dim ** 0.5
+    scores = scores.masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+    v_edit = v[1].clone()
+    v_edit[POS] += delta
+    ref = torch.softmax(scores, -1) @ v_edit
+    z0, z1 = rec.z(LAYER)[0].float(), edited.z(LAYER)[0].float()  # [S, H, D]
+    torch.testing.assert_close(z1[:, head], ref, atol=1e-4, rtol=1e-4)
+    assert (z1[POS:, head] - z0[POS:, head]).abs().max() > 0.05
+    others = [h for h in range(model.meta.n_heads) if h != head]
+    torch.testing.assert_close(z1[:, others], z0[:, others], atol=1e-5, rtol=0)
+
+
+def test_batched_deltas_and_positions_match_single_runs(model):
+    facts = load_facts(kind="temporal")[:2]
+    rows = [prompt_ids(model, f.prompt) for f in facts]
+    assert len(rows[0]) == len(rows[1])
+    ids = torch.tensor(rows, device=model.device)
+    deltas = torch.stack([_delta(model, seed=3), _delta(model, seed=4)])
+    positions = [2, 5]
+    with torch.no_grad(), edit_values(model, {(LAYER, 0): deltas, (LAYER + 2, 7): 0.5 * deltas}, positions):
+        both = model.hf(input_ids=ids, use_cache=False).logits.float()
+    for r in range(2):
+        with torch.no_grad(), edit_values(model, {(LAYER, 0): deltas[r], (LAYER + 2, 7): 0.5 * deltas[r]}, positions[r]):
+            one = model.hf(input_ids=ids[r:r + 1], use_cache=False).logits.float()
+        torch.testing.assert_close(both[r:r + 1], one, atol=2e-4, rtol=1e-4)
+
+
+def test_value_means_are_the_source_values_without_bos(model):
+    heads = [(LAYER, 2), (LAYER + 1, 8)]
+    means = value_means(model, SOURCE, heads)
+    ids = torch.tensor([prompt_ids(model, SOURCE)], device=model.device)
+    vals = head_values(model, ids, heads)
+    group = model.meta.n_heads // model.meta.n_kv_heads
+    _, rec = model.run_recorded(ids, qkv=[LAYER + 1], stop_after_layer=LAYER + 1)
+    torch.testing.assert_close(vals[(LAYER + 1, 8)][0], rec.v[0, 0, 8 // group].float())
+    for hd in heads:
+        torch.testing.assert_close(means[hd], vals[hd][0, 1:].mean(0))
+
+
+def test_sweep_rows_are_single_head_edits(model):
+    case = cases_from_facts(load_facts(kind="temporal")[:1])[0]
+    heads = [(2, 3), (LAYER, 5), (9, 0)]
+    df = value_edit_sweep(model, [case], heads=heads, coeffs=(1.0, 4.0), batch_size=2, progress=False)
+    assert len(df) == 6
+    target = torch.tensor([prompt_ids(model, case.target)], device=model.device)
+    answer = model.tokenizer(" " + case.answer, add_special_tokens=False)["input_ids"]
+    full = torch.cat([target, torch.tensor([answer], device=model.device)], 1)
+    pos = phrase_positions(model, case.target, case.phrase)[-1]
+    means = value_means(model, case.source, heads)
+
+    def answer_logprob():
+        with torch.no_grad():
+            logp = torch.log_softmax(model.hf(input_ids=full, use_cache=False).logits[0].float(), -1)
+        n = target.shape[1]
+        return float(sum(logp[n - 1 + i, t] for i, t in enumerate(answer))), int(logp[n - 1].argmax())
+
+    base_lp, base_first = answer_logprob()
+    assert df.attrs["baseline"][0]["answer_logprob"] == pytest.approx(base_lp, abs=1e-3)
+    for _, row in df.iterrows():
+        hd = (int(row["layer"]), int(row["head"]))
+        with edit_values(model, {hd: row["coeff"] * means[hd]}, pos):
+            lp, first = answer_logprob()
+        assert row.answer_logprob == pytest.approx(lp, abs=1e-3)
+        assert row.logprob_change == pytest.approx(lp - base_lp, abs=1e-3)
+        assert row.first_token_changed == (first != base_first)
+        assert row.answer_first == (first == answer[0])
+    assert df.logprob_change.abs().max() > 1e-3  # the edits do something
+    grid = head_counts(df, model.meta.n_layers, model.meta.n_heads, "first_token_changed")
+    assert grid[2, 3] == df[(df.layer == 2) & (df.head == 3)].first_token_changed.sum()
+    assert torch.isnan(torch.tensor(grid[0, 0]))
+
+
+def test_continuation_check_runs_only_where_the_first_token_changed(model):
+    case = ValueEditCase(source=SOURCE, target=TEXT, phrase="2009", answer="Putin")
+    df = value_edit_sweep(model, [case], heads=[(LAYER, 0), (LAYER, 1)], coeffs=(40.0,), continuation_tokens=4,
+                          progress=False)
+    assert "answer_in_continuation" in df
+    assert not df[~df.first_token_changed].answer_in_continuation.any()
+
+
+def test_value_edit_refusals(model, ids):
+    delta = _delta(model)
+    with pytest.raises(InputError, match="D = 64"):
+        with edit_values(model, {(LAYER, 0): delta[:10]}, POS):
+            pass
+    with pytest.raises(InputError, match="non-negative"):
+        with edit_values(model, {(LAYER, 0): delta}, -1):
+            pass
+    with pytest.raises(InputError, match="does not occur"):
+        value_edit_sweep(model, [ValueEditCase(SOURCE, TEXT, "1999", "Putin")], heads=[(0, 0)], progress=False)
+    with pytest.raises(InputError, match="both value_delta"):
+        LayerEdit(value_delta=torch.zeros(9, 64))
+    keys = torch.zeros(1, ids.shape[1], dtype=torch.bool)
+    keys[0, POS] = True
+    with edit_values(model, {(LAYER, 0): delta}, POS):
+        with pytest.raises(InputError, match="keyset_mass"):
+            model.run_recorded(ids, stats=StatsRequest(keyset=True), keyset=keys)
+        with pytest.raises(InputError, match="one value edit per layer"):
+            with edit_values(model, {(LAYER, 1): delta}, POS), torch.no_grad():
+                model.hf(input_ids=ids, use_cache=False)
+
+
+def test_a_zero_ablated_head_stays_zero_under_a_value_edit(model, ids):
+    with ablate_heads(model, [(LAYER, 0)]), edit_values(model, {(LAYER, 0): _delta(model), (LAYER, 1): _delta(model)}, POS):
+        _, rec = model.run_recorded(ids, head_out=[LAYER], stop_after_layer=LAYER)
+    z = rec.z(LAYER)[0]
+    assert torch.isfinite(z).all()
+    assert (z[:, 0] == 0).all() and z[POS:, 1].abs().max() > 0
+
+
+def _gemma2():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = Gemma2Config(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, hidden_size=32,
+                       intermediate_size=64, vocab_size=100, sliding_window=4, max_position_embeddings=64,
+                       attn_logit_softcapping=5.0)
+    return Gemma2ForCausalLM(cfg).eval(), torch.randint(0, 100, (1, 12))
+
+
+def _bert():
+    from headscope.probe import load_model
+
+    m = load_model("all-minilm-l6-v2")
+    return m.hf, m.tokenize(["A man is playing a guitar on the stage tonight."])["input_ids"]
+
+
+@pytest.mark.parametrize("make", [_gemma2, _bert], ids=["gemma2_window_softcap", "bert_bidirectional"])
+def test_value_edit_is_the_attention_column_times_delta(make):
+    """Any architecture: the edited head's output moves by p[:, pos] x delta, with p from transformers'
+    own eager attention (sliding window: queries 4+ tokens later do not move; softcap; bidirectional:
+    queries before pos move too)."""
+    from eager_reference import eager_patterns
+    from headscope.probe import load_model
+
+    hf, ids = make()
+    model = load_model(hf)
+    layer, head, pos = 0, 1, 5
+    delta = _delta(model, seed=5)
+    _, base = model.run_recorded(ids, head_out=[layer], stop_after_layer=layer)
+    with edit_values(model, {(layer, head): delta}, pos):
+        _, edited = model.run_recorded(ids, head_out=[layer], stop_after_layer=layer)
+    column = eager_patterns(model, ids)[0, layer, head, :, pos]  # [S]
+    moved = edited.z(layer)[0, :, head].float() - base.z(layer)[0, :, head].float()
+    torch.testing.assert_close(moved, column[:, None] * delta, atol=1e-5, rtol=1e-4)
+    assert column.abs().max() > 0.01
+    if model.meta.causal:
+        assert (column[pos + 4:] == 0).all() and (column[:pos] == 0).all()
+    else:
+        assert column[:pos].sum() > 0
