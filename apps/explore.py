@@ -42,6 +42,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(port: int) -> None:
+    """ExploreError when another process listens on 127.0.0.1:port (streamlit would print its own
+    error after we had already printed an address that serves someone else's page)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise ExploreError(f"--port {port} is in use on 127.0.0.1 ({exc.strerror}); pick another port or "
+                               "leave --port out for a free one.") from exc
+
+
 def streamlit_command(port: int) -> list[str]:
     return [sys.executable, "-m", "streamlit", "run", str(APP), "--server.address", "127.0.0.1",
             "--server.port", str(port), "--server.headless", "true", "--browser.gatherUsageStats", "false",
@@ -59,6 +70,7 @@ def run_explore(args) -> int:
     port = args.port or free_port()
     if not 0 < port < 65536:
         raise ExploreError(f"--port {port} is not a TCP port (1..65535).")
+    check_port_free(port)
     # PYTHONSAFEPATH: `python -m streamlit` would put the working directory on sys.path, and started
     # in the repository root that hides the PyPI `kernels` behind our folder (kernels/import_check.py).
     env = dict(os.environ, HEADSCOPE_EXPLORE_MODEL=args.model, HEADSCOPE_EXPLORE_REPORT=args.report,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -418,5 +419,11 @@ def test_explore_parser_and_launcher_errors(tmp_path):
     args = parser.parse_args(["explore", "--port", "70000"])
     with pytest.raises(ExploreError, match="not a TCP port"):
         run_explore(args)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as busy:  # a port someone else listens on
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        args = parser.parse_args(["explore", "--port", str(busy.getsockname()[1])])
+        with pytest.raises(ExploreError, match="in use"):
+            run_explore(args)
     cmd = streamlit_command(8123)
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1" and cmd[cmd.index("--server.port") + 1] == "8123"
