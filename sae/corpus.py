@@ -248,7 +248,9 @@ def packed_batches(tokenizer, texts: Iterable[str], *, seq_len: int, batch_size:
     rows: list[list[int]] = []
     n_tokens_seen = 0
     for doc in texts:
-        ids = tokenizer(doc)["input_ids"]
+        # No special tokens per document: a BOS-adding tokenizer (Llama, Gemma) would put a BOS in
+        # the middle of rows, where the model never sees one; each row gets its own BOS below.
+        ids = tokenizer(doc, add_special_tokens=False)["input_ids"]
         n_tokens_seen += len(ids)
         buf.extend(ids)
         if sep is not None:

@@ -479,3 +479,17 @@ def test_save_load_roundtrip_all_architectures(tmp_path):
         back = load_sae(tmp_path / arch)
         torch.testing.assert_close(back(x)["x_hat"], s(x)["x_hat"])
         assert json.loads((tmp_path / arch / "cfg.json").read_text())["d_sae"] == 40
+
+
+def test_packed_rows_have_bos_only_at_their_start():
+    class BosAddingTokenizer:  # as Llama's: BOS first unless add_special_tokens=False
+        eos_token_id = 2
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": ([1] if add_special_tokens else []) + [3 + ord(c) % 50 for c in text]}
+
+    batches = list(packed_batches(BosAddingTokenizer(), ["hello world"] * 30, seq_len=16, batch_size=4, bos_id=1))
+    rows = torch.cat(batches)
+    assert rows.shape[1] == 16 and len(rows) >= 16
+    assert (rows[:, 0] == 1).all() and (rows[:, 1:] != 1).all()
+    assert (rows == 2).sum() >= 20  # documents stay separated by EOS
