@@ -37,6 +37,9 @@ class CheckpointError(HeadscopeError, ValueError):
     """A checkpoint that is missing, corrupted, or from another model / configuration."""
 
 
+CALIBRATION_BATCHES = 32  # batches that set a BatchTopK SAE's inference threshold after training
+
+
 @dataclass
 class TrainConfig:
     """Training settings. steps = total_tokens // batch_size; the learning rate warms up linearly
@@ -148,9 +151,13 @@ def train(sae: SAE, store: ActivationStore, tc: TrainConfig, *, out_dir=None, re
         if callback is not None:
             callback(step + 1, sae, parts)
     bar.close()
+    sae.eval()
+    if sae.cfg.arch == "batchtopk":
+        # the inference threshold from the final weights, on batches of another shuffle
+        calib = store.batches(tc.batch_size, seed=tc.seed + 1, mix_shards=tc.mix_shards)
+        sae.calibrate_threshold(next(calib) for _ in range(min(CALIBRATION_BATCHES, tc.steps)))
     if ckdir is not None:
         save_checkpoint(ckdir, sae, opt, sched, tc, tc.steps, history)
-    sae.eval()
     return TrainResult(sae=sae, steps=tc.steps, history=history)
 
 
