@@ -337,6 +337,55 @@ assert len(contexts) > 0
 contexts"""),
 ]
 
+NOTEBOOKS["08_temporal_value_edit"] = [
+    ("md", """# Value-vector editing at one position (Park et al. 2025, "Temporal Heads")
+
+The temporal-heads paper edits one head at a time: it averages the head's value vectors over a
+source prompt ("In 2009, the president of South Korea was") and adds that mean to the head's value
+vector at the year token of a target prompt, then asks whether the answer changes. headscope does
+the same edit inside the attention call, for any head, without rewriting the cached values: each
+query i of the head gets p(i -> year token) x delta added to its output (exact: p does not depend on
+v), which keeps the edit to one query head under GQA and carries it into generated tokens.
+
+Here the cases come from our temporal facts: the target is a fact's prompt with the *other* year,
+edited at that year with the values of the fact's own prompt, and the wanted answer is the fact's
+answer (the target's own answer differs)."""),
+    ("code", SETUP),
+    ("code", """from headscope.circuits.temporal import load_facts, phrase_positions, prompt_ids
+from headscope.circuits.value_edit import cases_from_facts, edit_values, value_edit_sweep, value_means, sweep_heatmap
+
+cases = cases_from_facts(load_facts(kind="temporal"))[: 2 if SMALL else 12]
+case = cases[0]
+print(case)"""),
+    ("code", """# One edit by hand: head (12, 4), coefficient 6, at the last token of the target's year.
+head = (12, 4)
+ids = torch.tensor([prompt_ids(model, case.target)])
+pos = phrase_positions(model, case.target, case.phrase)[-1]
+delta = 6 * value_means(model, case.source, [head])[head]
+with torch.no_grad():
+    before = model.hf(input_ids=ids, use_cache=False).logits[0].float()
+    with edit_values(model, {head: delta}, pos):
+        after = model.hf(input_ids=ids, use_cache=False).logits[0].float()
+moved = (after - before).abs().amax(-1)
+print("largest logit change at each position:", [round(float(m), 4) for m in moved])
+# causal attention: positions before the edited token cannot see it
+assert moved[:pos].max() < 1e-3 < moved[pos:].max()"""),
+    ("code", """heads = [(l, h) for l in range(0, 30, 10) for h in range(3)] if SMALL else None  # None: all 270 heads
+sweep = value_edit_sweep(model, cases, heads=heads, coeffs=(1.0, 6.0) if SMALL else (1.0, 3.0, 6.0))
+per_head = sweep.groupby(["layer", "head"]).logprob_change.median().sort_values(ascending=False)
+print("baseline:", sweep.attrs["baseline"][0])
+print("heads whose edit raises the wanted answer's log-prob most (median over cases x coefficients):")
+print(per_head.head(8).round(3).to_string())
+print(f"first token changed in {sweep.first_token_changed.mean():.1%} of single-head edits; "
+      f"the wanted answer became the first token in {sweep.answer_first.sum()} of {len(sweep)}")"""),
+    ("code", """sweep_heatmap(sweep, model.meta.n_layers, model.meta.n_heads, column="first_token_changed")"""),
+    ("md", """How to read it: a head whose edit moves the answer reads year information at the year token
+and writes it where later layers use it. That is evidence about what the head *can* carry when
+pushed (coefficient 6 is far outside the head's normal range), not that the model uses it: the
+causal test of use is ablation (`run_detector(model, "temporal")`, whose validation ablates the top
+heads against random ones)."""),
+]
+
 
 def build(names=None) -> list[Path]:
     out = []
