@@ -98,7 +98,8 @@ def edit_values(model: HeadscopeModel, deltas: dict[Head, torch.Tensor], positio
     `positions` in every forward inside the block (yields the model).
 
     positions: an int (the same token position in every example), a list of one position per
-        example, or a [B, S] bool key mask (several keys get the same delta each).
+        example, or a [B, S] bool key mask (several keys get the same delta each); positions are
+        columns of input_ids, padding included.
     The edit reaches every query that attends to those keys, later generated tokens included.
     """
     if not deltas:

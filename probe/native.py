@@ -332,6 +332,9 @@ def headscope_attention(module, query, key, value, attention_mask, scaling=None,
                     "recording asks for keyset_mass: record keyset_mass without the value edit, or the edited "
                     "run without keyset_mass.")
             keyset = keys_of_call(edit.value_keys.to(query.device), seq_len, S)
+            if keyset.shape[0] not in (1, B):
+                raise InputError(f"the value edit of layer {layer} has key positions for {keyset.shape[0]} examples; "
+                                 f"this batch has {B}.")
             if keyset.shape[0] == 1 and B > 1:  # one key set for every example
                 keyset = keyset.expand(B, -1).contiguous()
             request = replace(request, keyset=True)

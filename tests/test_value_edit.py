@@ -193,6 +193,9 @@ def test_value_edit_refusals(model, ids):
             pass
     with pytest.raises(InputError, match="does not occur"):
         value_edit_sweep(model, [ValueEditCase(SOURCE, TEXT, "1999", "Putin")], heads=[(0, 0)], progress=False)
+    with pytest.raises(InputError, match="for 2 examples; this batch has 1"):
+        with edit_values(model, {(LAYER, 0): delta}, [POS, POS + 1]), torch.no_grad():
+            model.hf(input_ids=ids, use_cache=False)
     with pytest.raises(InputError, match="both value_delta"):
         LayerEdit(value_delta=torch.zeros(9, 64))
     keys = torch.zeros(1, ids.shape[1], dtype=torch.bool)
