@@ -7,7 +7,7 @@ import torch
 
 from headscope.circuits.ablation import ablate_heads
 from headscope.circuits.temporal import load_facts, phrase_positions, prompt_ids
-from headscope.circuits.value_edit import (ValueEditCase, cases_from_facts, edit_values, head_counts, head_values,
+from headscope.circuits.value_edit import (ValueEditCase, cases_from_facts, edit_values, head_grid, head_values,
                                            value_edit_sweep, value_means)
 from headscope.kernels.stats import StatsRequest
 from headscope.probe import LayerEdit
@@ -170,15 +170,25 @@ def test_sweep_rows_are_single_head_edits(model):
         assert row.first_token_changed == (first != base_first)
         assert row.answer_first == (first == answer[0])
     assert df.logprob_change.abs().max() > 1e-3  # the edits do something
-    grid = head_counts(df, model.meta.n_layers, model.meta.n_heads, "first_token_changed")
-    assert grid[2, 3] == df[(df.layer == 2) & (df.head == 3)].first_token_changed.sum()
+    grid = head_grid(df, model.meta.n_layers, model.meta.n_heads, "first_token_changed", "sum")
+    assert grid[2, 3] == df[(df.layer == 2) & (df["head"] == 3)].first_token_changed.sum()
     assert torch.isnan(torch.tensor(grid[0, 0]))
+    # the control: the same edit with the target's own value means
+    own = value_means(model, case.target, heads)
+    row = df.iloc[-1]
+    hd = (int(row["layer"]), int(row["head"]))
+    with edit_values(model, {hd: row["coeff"] * own[hd]}, pos):
+        lp, _ = answer_logprob()
+    assert row["control_change"] == pytest.approx(lp - base_lp, abs=1e-3)
+    assert row["specific_change"] == pytest.approx(row["logprob_change"] - row["control_change"], abs=1e-5)
+    assert head_grid(df, model.meta.n_layers, model.meta.n_heads)[hd] == pytest.approx(
+        df[(df.layer == hd[0]) & (df["head"] == hd[1])].specific_change.median())
 
 
 def test_continuation_check_runs_only_where_the_first_token_changed(model):
     case = ValueEditCase(source=SOURCE, target=TEXT, phrase="2009", answer="Putin")
     df = value_edit_sweep(model, [case], heads=[(LAYER, 0), (LAYER, 1)], coeffs=(40.0,), continuation_tokens=4,
-                          progress=False)
+                          control=False, progress=False)
     assert "answer_in_continuation" in df
     assert not df[~df.first_token_changed].answer_in_continuation.any()
 
