@@ -1,6 +1,7 @@
-"""ACT attention calibration and memory injection on the embedded model (task metrics, no timings).
+"""ACT attention calibration, memory injection and value-vector edits on the embedded model (task
+metrics, no timings).
 
-    HEADSCOPE_CACHE=/tmp/hscache .venv/bin/python benchmarks/interventions_bench.py act|memory
+    HEADSCOPE_CACHE=/tmp/hscache .venv/bin/python benchmarks/interventions_bench.py act|memory|value_edit
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from pathlib import Path
 
 import torch
 
+from headscope.circuits import value_edit as ve
 from headscope.circuits.calibration import accuracy, candidate_heads, choice_logprobs, select_heads
 from headscope.circuits.memory_injection import injection_sweep, sweep_heatmap
 from headscope.circuits.next_token import load_jsonl
+from headscope.circuits.temporal import load_facts
 from headscope.probe import load_model
 
 
@@ -74,15 +77,43 @@ def memory(model, args) -> list[str]:
             "Heatmap: benchmarks/results/memory_injection_heatmap.html"]
 
 
+def value_edit(model, args) -> list[str]:
+    """Every head, every temporal fact, with the control (the target's own value means)."""
+    cases = ve.cases_from_facts(load_facts(kind="temporal"))
+    coeffs = [float(c) for c in args.coeffs.split(",")]
+    t0 = time.perf_counter()
+    df = ve.value_edit_sweep(model, cases, coeffs=coeffs, batch_size=90)
+    secs = time.perf_counter() - t0
+    cols = ["logprob_change", "control_change", "specific_change"]
+    per = df.groupby(["coeff", "layer", "head"])[cols].median()
+    per["real_gt_control"] = df.assign(win=df.specific_change > 0).groupby(["coeff", "layer", "head"]).win.mean()
+    per["answer_first"] = df.groupby(["coeff", "layer", "head"]).answer_first.sum()
+    Path("benchmarks/results").mkdir(parents=True, exist_ok=True)
+    per.round(5).to_csv("benchmarks/results/value_edit_heads.csv")
+    ve.sweep_heatmap(df, model.meta.n_layers, model.meta.n_heads).write_html(
+        "benchmarks/results/value_edit_heatmap.html", include_plotlyjs="cdn")
+    lines = [f"### Value edits on the temporal facts ({len(cases)} cases x {model.meta.n_total_heads} heads x "
+             f"coeff {coeffs}, with control; {secs:.0f} s)", ""]
+    for c in coeffs:
+        top = per.loc[c].sort_values("logprob_change", ascending=False).head(10)
+        lines += [f"coeff {c:g}: the ten heads with the largest median change of the answer's log-prob", "",
+                  md_table(top, index=True), ""]
+        spec = per.loc[c].sort_values("specific_change", ascending=False).head(5)
+        lines += [f"coeff {c:g}: largest median specific_change (edit minus control)", "", md_table(spec, index=True), ""]
+    return lines + ["Per head: benchmarks/results/value_edit_heads.csv; heatmap: "
+                    "benchmarks/results/value_edit_heatmap.html"]
+
+
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["act", "memory"])
+    ap.add_argument("what", choices=["act", "memory", "value_edit"])
     ap.add_argument("--candidates", type=int, default=12)
     ap.add_argument("--layer-step", type=int, default=3)
     ap.add_argument("--taus", default="1,2,4,8,15")
+    ap.add_argument("--coeffs", default="6", help="value_edit: coefficients of the source value mean")
     args = ap.parse_args()
     model = load_model()
-    lines = act(model, args) if args.what == "act" else memory(model, args)
+    lines = {"act": act, "memory": memory, "value_edit": value_edit}[args.what](model, args)
     out = Path(f"benchmarks/results/{args.what}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
