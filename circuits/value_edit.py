@@ -105,7 +105,8 @@ def edit_values(model: HeadscopeModel, deltas: dict[Head, torch.Tensor], positio
     positions: an int (the same token position in every example), a list of one position per
         example, or a [B, S] bool key mask (several keys get the same delta each); positions are
         columns of input_ids, padding included.
-    The edit reaches every query that attends to those keys, later generated tokens included.
+    The edit reaches every query that attends to those keys, later generated tokens included; a
+    position past the input takes effect once generation reaches it.
     """
     if not deltas:
         raise InputError("edit_values needs at least one (layer, head) -> delta.")
