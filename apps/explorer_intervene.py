@@ -1,4 +1,5 @@
-"""Intervene page: ablate or calibrate heads and compare the next-token distribution before/after."""
+"""Intervene page: ablate, calibrate or value-edit heads and compare the next-token distribution
+before/after."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from . import explorer_cache as C
 from . import explorer_state as S
 from .explorer_figures import top_tokens_bars
 
-MODES = ("zero ablation", "uniform ablation", "ACT calibration")
+MODES = ("zero ablation", "uniform ablation", "ACT calibration", "value edit")
+SOURCE_DEFAULT = "In 2009, the president of South Korea was"
 
 
 def _show_sinks(model, ids, heads, used) -> None:
@@ -33,11 +35,18 @@ def render_intervene() -> None:
     mode = st.radio("Intervention", MODES, horizontal=True, key="iv_mode")
     beta = st.slider("beta (ACT: attention on sink tokens is scaled by beta)", 0.05, 1.0, 0.4, 0.05,
                      key="iv_beta") if mode == "ACT calibration" else 1.0
+    ids, labels = S.encode_prompt(model, st.session_state.get("prompt", ""))
+    if mode == "value edit":
+        st.caption("Adds coeff x (the head's value vectors averaged over a source prompt, BOS left out) to "
+                   "the head's value at one token of your prompt: the temporal-heads paper's edit. Every "
+                   "later query that attends to that token reads the change.")
+        source = st.text_input("Source prompt (whose values are averaged)", SOURCE_DEFAULT, key="iv_source")
+        pos_label = st.selectbox("Token of your prompt to edit", labels, index=len(labels) - 1, key="iv_pos")
+        coeff = st.slider("coeff", -10.0, 10.0, 3.0, 0.5, key="iv_coeff")
     if not st.button("Apply and compare", key="iv_run", type="primary"):
         st.caption("The next-token distribution after the prompt, before and after the intervention.")
         return
     heads = S.parse_heads(text, meta.n_layers, meta.n_heads)
-    ids, _ = S.encode_prompt(model, st.session_state.get("prompt", ""))
     progress = st.progress(0.0, text="forward without intervention...")
     before = S.next_token_probs(model, ids)
     progress.progress(0.5, text=f"forward with {mode} of {len(heads)} head(s)...")
@@ -45,6 +54,11 @@ def render_intervene() -> None:
         from headscope.circuits.calibration import calibrate
 
         context = calibrate(model, heads, {"input_ids": ids}, beta=beta)
+    elif mode == "value edit":
+        from headscope.circuits.value_edit import edit_values, value_means
+
+        means = value_means(model, source, heads)
+        context = edit_values(model, {hd: coeff * means[hd] for hd in heads}, labels.index(pos_label))
     else:
         context = ablate_heads(model, heads, mode=mode.split()[0])
     with context as used:

@@ -342,6 +342,48 @@ def test_act_calibration_matches_formula_on_materialised_attention(app, model):
     np.testing.assert_allclose(at.dataframe[1].value["change"], 0.0, atol=1e-6)
 
 
+def test_value_edit_matches_attention_column_times_source_mean(app, model):
+    """z_h += coeff * p[:, pos] * mean(source values), written into o_proj's input by a plain hook."""
+    layer, head, pos, coeff = 6, 4, 3, 4.0
+    source = "In 2009, the president of South Korea was"
+    ids = ids_of(model)
+    p = reference_probs(model, ids, layer)[head]  # [S, S]
+    src = model.tokenize(source, prepend_bos=True)["input_ids"]
+    _, rec = model.run_recorded(src, None, None, qkv=[layer], stop_after_layer=layer)
+    delta = coeff * rec.v[0, 0, head // 3, 1:].double().mean(0)
+    D = model.meta.head_dim
+    add = (p[:, pos, None] * delta).float()
+
+    def pre(mod, args):
+        x = args[0].clone()
+        x[0, :, head * D:(head + 1) * D] += add
+        return (x,)
+
+    hook = model.attention_modules[layer].o_proj.register_forward_pre_hook(pre)
+    try:
+        with torch.no_grad():
+            expected = torch.softmax(model.hf(input_ids=ids, use_cache=False).logits[0, -1].double(), -1)
+    finally:
+        hook.remove()
+
+    at = app(page="Intervene", layer=layer, head=head)
+    at.radio(key="iv_mode").set_value("value edit").run()
+    at.text_input(key="iv_source").set_value(source).run()
+    labels = at.selectbox(key="iv_pos").options
+    assert at.selectbox(key="iv_pos").value == labels[-1]
+    at.selectbox(key="iv_pos").set_value(labels[pos]).run()
+    at.slider(key="iv_coeff").set_value(coeff).run()
+    at.button(key="iv_run").click().run()
+    assert errors(at) == []
+    table = at.dataframe[0].value
+    tok = torch.as_tensor(table["token_id"].to_numpy().copy())
+    np.testing.assert_allclose(table["p_after"], expected[tok].numpy(), atol=1e-5)
+    assert float(np.abs(table["change"]).max()) > 1e-4
+    at.text_input(key="iv_source").set_value("").run()
+    at.button(key="iv_run").click().run()
+    assert any("has no tokens" in e for e in errors(at)), errors(at)
+
+
 # ---- SAE latents ---------------------------------------------------------------------------------
 @pytest.fixture()
 def saved_sae(tmp_path):
