@@ -25,6 +25,7 @@ Differences from the paper's code, on purpose:
 
 from __future__ import annotations
 
+import operator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -64,11 +65,13 @@ def _ids(model: HeadscopeModel, text: str) -> torch.Tensor:
     return torch.tensor([prompt_ids(model, text)], device=model.device)
 
 
-def head_values(model: HeadscopeModel, input_ids: torch.Tensor, heads) -> dict[Head, torch.Tensor]:
+def head_values(model: HeadscopeModel, input_ids: torch.Tensor, heads,
+                attention_mask: torch.Tensor | None = None) -> dict[Head, torch.Tensor]:
     """Value vectors each head reads, {(layer, head): [B, S, D]} for input_ids [B, S] (the kv head
-    that serves the query head under GQA; as the attention function sees them)."""
+    that serves the query head under GQA; as the attention function sees them); attention_mask [B, S]
+    for padded batches."""
     layers = sorted(heads_by_layer(model, heads))
-    _, rec = model.run_recorded(input_ids, qkv=layers, stop_after_layer=layers[-1])
+    _, rec = model.run_recorded(input_ids, attention_mask, qkv=layers, stop_after_layer=layers[-1])
     group = model.meta.n_heads // model.meta.n_kv_heads
     return {(l, h): rec.v[:, rec.qkv_layers.index(l), h // group].float() for l, h in heads}
 
@@ -89,7 +92,12 @@ def _key_set(positions, device) -> torch.Tensor:
         if positions.dim() != 2:
             raise InputError(f"positions as a mask must be [B, S] bool, got {tuple(positions.shape)}.")
         return positions.to(device)
-    pos = [positions] if isinstance(positions, int) else [int(p) for p in positions]
+    if isinstance(positions, torch.Tensor) and positions.dim() == 0:
+        positions = int(positions)
+    try:
+        pos = [operator.index(positions)]
+    except TypeError:
+        pos = [operator.index(p) for p in positions]  # a list, numpy array or 1-D tensor of ints
     if not pos or min(pos) < 0:
         raise InputError(f"positions must be non-negative token positions, got {positions!r}.")
     keys = torch.zeros(len(pos), max(pos) + 1, dtype=torch.bool, device=device)
@@ -120,8 +128,9 @@ def edit_values(model: HeadscopeModel, deltas: dict[Head, torch.Tensor], positio
             raise InputError(f"delta of head ({l}, {h}) must be [D] or [B, D] with D = {D}, got {tuple(d.shape)}.")
         if l not in per_layer:
             per_layer[l] = torch.zeros(*d.shape[:-1], H, D, device=model.device)
-        elif per_layer[l].dim() != d.dim() + 1:
-            raise InputError(f"layer {l}: give every delta as [D] or every delta as [B, D], not both.")
+        elif tuple(per_layer[l].shape[:-2]) != tuple(d.shape[:-1]):
+            raise InputError(f"layer {l}: deltas of shapes {tuple(per_layer[l].shape[:-2]) + (D,)} and {tuple(d.shape)}; "
+                             "give every delta of a layer as [D], or every one as [B, D] with the same B.")
         per_layer[l][..., h, :] = d
     with model.edit_attention({l: LayerEdit(value_delta=per_layer[l], value_keys=keys) for l in layers}):
         yield model
@@ -168,6 +177,10 @@ def value_edit_sweep(model: HeadscopeModel, cases: list[ValueEditCase], heads=No
         else [model.meta.check_head(int(l), int(h)) for l, h in heads]
     if not heads:
         raise InputError("value_edit_sweep: no heads to edit.")
+    if len(set(heads)) < len(heads):
+        raise InputError(f"value_edit_sweep: heads listed twice: {sorted({h for h in heads if heads.count(h) > 1})}.")
+    if batch_size < 1:
+        raise InputError(f"batch_size must be at least 1, got {batch_size}.")
     coeffs = [float(c) for c in coeffs]
     rows, baseline = [], []
     bar = tqdm(total=len(cases) * len(coeffs) * len(heads), desc="value edits", unit="edit", disable=not progress)

@@ -32,8 +32,8 @@ class LayerEdit:
         also takes per-head key sets [B, H, S] (ACT's sinks; both backends).
     z_fn: called on the per-head outputs z [B, H, Sq, D] of the layer; returns the edited z.
     value_delta / value_keys: add value_delta [H, D] (or one per example, [B, H, D]) to each query
-        head's value vector at the keys of value_keys, a [B, S] bool key set (the temporal-heads
-        edit). The value vectors themselves are not touched: p does not depend on v, so the edit is
+        head's value vector at the keys of value_keys, a [B, S] bool key set (B = 1: every example;
+        the temporal-heads edit). The value vectors themselves are not touched: p does not depend on v, so the edit is
         exactly z_i += p_i(value_keys) * value_delta with the call's own probabilities (one
         keyset_mass statistic), which keeps it per query head under GQA and applies it to every
         later query that attends to those keys, cached decoding included.
@@ -58,10 +58,10 @@ class LayerEdit:
         if self.value_keys is not None and (self.value_keys.dtype != torch.bool or self.value_keys.dim() != 2):
             raise InputError(f"value_keys must be a [B, S] bool key set, got {tuple(self.value_keys.shape)} "
                              f"{self.value_keys.dtype}.")
-        if self.value_delta is not None and (self.value_delta.dim() not in (2, 3)
-                                             or not torch.isfinite(self.value_delta).all()):
-            raise InputError(f"value_delta must be a finite [H, D] or [B, H, D] tensor, got shape "
-                             f"{tuple(self.value_delta.shape)}.")
+        if self.value_delta is not None and self.value_delta.dim() not in (2, 3):
+            raise InputError(f"value_delta must be [H, D] or [B, H, D], got shape {tuple(self.value_delta.shape)}.")
+        if self.value_delta is not None and not torch.isfinite(self.value_delta).all():
+            raise InputError("value_delta has NaN or inf entries.")
 
 
 def keys_of_call(keys: torch.Tensor, seq_len: int | None, Sk: int) -> torch.Tensor:
@@ -79,9 +79,9 @@ def add_value_delta(out: torch.Tensor, mass: torch.Tensor, delta: torch.Tensor, 
     each query's attention on the edited keys in this very call (so after any calibration or bias)."""
     B, H, _, D = out.shape
     delta = delta.to(out.device, torch.float32)
-    if tuple(delta.shape[-2:]) != (H, D) or (delta.dim() == 3 and delta.shape[0] != B):
+    if tuple(delta.shape[-2:]) != (H, D) or (delta.dim() == 3 and delta.shape[0] not in (1, B)):
         raise InputError(f"value_delta of layer {layer} has shape {tuple(delta.shape)}; this call needs [H, D] = "
-                         f"[{H}, {D}] or [B, H, D] = [{B}, {H}, {D}].")
+                         f"[{H}, {D}] or [B, H, D] = [{B}, {H}, {D}] (B = 1: the same for every example).")
     if delta.dim() == 2:
         delta = delta[None]
     # NaN only where a zero-ablated head has no probabilities (its output stays 0) or a padding

@@ -185,12 +185,27 @@ def test_sweep_rows_are_single_head_edits(model):
         df[(df.layer == hd[0]) & (df["head"] == hd[1])].specific_change.median())
 
 
-def test_continuation_check_runs_only_where_the_first_token_changed(model):
-    case = ValueEditCase(source=SOURCE, target=TEXT, phrase="2009", answer="Putin")
-    df = value_edit_sweep(model, [case], heads=[(LAYER, 0), (LAYER, 1)], coeffs=(40.0,), continuation_tokens=4,
-                          control=False, progress=False)
-    assert "answer_in_continuation" in df
-    assert not df[~df.first_token_changed].answer_in_continuation.any()
+def test_continuation_check_against_a_direct_generation(model):
+    """answer_in_continuation: a greedy continuation under the same edit contains the answer (True for
+    the edited row, by construction of the answer); coeff 0 changes nothing and is never checked."""
+    head, coeff, n = (LAYER, 0), 40.0, 4
+    prompt = torch.tensor([prompt_ids(model, TEXT)], device=model.device)
+    pos = phrase_positions(model, TEXT, "2009")[-1]
+    delta = coeff * value_means(model, SOURCE, [head])[head]
+    with edit_values(model, {head: delta}, pos), torch.no_grad():
+        out = model.hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                do_sample=False, pad_token_id=model.tokenizer.eos_token_id)
+    with torch.no_grad():
+        plain = model.hf.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n,
+                                  do_sample=False, pad_token_id=model.tokenizer.eos_token_id)
+    edited_text = model.tokenizer.decode(out[0, prompt.shape[1]:])
+    assert edited_text != model.tokenizer.decode(plain[0, prompt.shape[1]:])
+    answer = edited_text.split()[-1]  # a word only the edited continuation has at its end
+    df = value_edit_sweep(model, [ValueEditCase(SOURCE, TEXT, "2009", answer)], heads=[head], coeffs=(0.0, coeff),
+                          continuation_tokens=n, control=False, progress=False)
+    zero, edited = df.iloc[0], df.iloc[1]
+    assert not zero["first_token_changed"] and not zero["answer_in_continuation"]
+    assert edited["first_token_changed"] and edited["answer_in_continuation"]
 
 
 def test_value_edit_refusals(model, ids):
@@ -206,6 +221,13 @@ def test_value_edit_refusals(model, ids):
     with pytest.raises(InputError, match="for 2 examples; this batch has 1"):
         with edit_values(model, {(LAYER, 0): delta}, [POS, POS + 1]), torch.no_grad():
             model.hf(input_ids=ids, use_cache=False)
+    with pytest.raises(InputError, match="listed twice"):
+        value_edit_sweep(model, [ValueEditCase(SOURCE, TEXT, "2009", "Putin")], heads=[(0, 0), (0, 0)], progress=False)
+    with pytest.raises(InputError, match="NaN or inf"):
+        LayerEdit(value_delta=torch.full((9, 64), float("nan")), value_keys=torch.ones(1, 3, dtype=torch.bool))
+    with pytest.raises(InputError, match="same B"):
+        with edit_values(model, {(LAYER, 0): delta[None].expand(2, -1), (LAYER, 1): delta[None]}, POS):
+            pass
     with pytest.raises(InputError, match="both value_delta"):
         LayerEdit(value_delta=torch.zeros(9, 64))
     keys = torch.zeros(1, ids.shape[1], dtype=torch.bool)
@@ -219,11 +241,21 @@ def test_value_edit_refusals(model, ids):
 
 
 def test_a_zero_ablated_head_stays_zero_under_a_value_edit(model, ids):
-    with ablate_heads(model, [(LAYER, 0)]), edit_values(model, {(LAYER, 0): _delta(model), (LAYER, 1): _delta(model)}, POS):
-        _, rec = model.run_recorded(ids, head_out=[LAYER], stop_after_layer=LAYER)
-    z = rec.z(LAYER)[0]
-    assert torch.isfinite(z).all()
-    assert (z[:, 0] == 0).all() and z[POS:, 1].abs().max() > 0
+    """Head 0 ablated and edited: its output stays 0. Head 1 edited beside it: its output moves by
+    p[:, POS] x delta against the ablation alone (p from its recorded q, k)."""
+    d0, d1 = _delta(model), _delta(model, seed=6)
+    with ablate_heads(model, [(LAYER, 0)]):
+        _, alone = model.run_recorded(ids, head_out=[LAYER], qkv=[LAYER], stop_after_layer=LAYER)
+        with edit_values(model, {(LAYER, 0): d0, (LAYER, 1): d1}, POS):
+            _, rec = model.run_recorded(ids, head_out=[LAYER], stop_after_layer=LAYER)
+    z, z0 = rec.z(LAYER)[0].float(), alone.z(LAYER)[0].float()
+    assert torch.isfinite(z).all() and (z[:, 0] == 0).all()
+    q, k = alone.q[0, 0, 1].float(), alone.k[0, 0, 0].float()
+    S = q.shape[0]
+    scores = (q @ k.T / model.meta.head_dim ** 0.5).masked_fill(torch.ones(S, S, dtype=torch.bool).triu(1), float("-inf"))
+    column = torch.softmax(scores, -1)[:, POS]
+    torch.testing.assert_close(z[:, 1] - z0[:, 1], column[:, None] * d1, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(z[:, 2:], z0[:, 2:], atol=1e-6, rtol=0)
 
 
 def _gemma2():
@@ -266,3 +298,28 @@ def test_value_edit_is_the_attention_column_times_delta(make):
         assert (column[pos + 4:] == 0).all() and (column[:pos] == 0).all()
     else:
         assert column[:pos].sum() > 0
+
+
+def test_positions_and_deltas_in_every_accepted_form(model, ids):
+    """An int, a numpy int, a 0-d tensor, a list, a [B, S] mask; a [1, H, D] layer delta for a batch."""
+    import numpy as np
+
+    delta = _delta(model, seed=7)
+    ids2 = ids.expand(2, -1)
+
+    def logits(positions, batch=ids):
+        with torch.no_grad(), edit_values(model, {(LAYER, 3): delta}, positions):
+            return model.hf(input_ids=batch, use_cache=False).logits.float()
+
+    ref = logits(POS)
+    mask = torch.zeros(1, ids.shape[1], dtype=torch.bool)
+    mask[0, POS] = True
+    for form in (np.int64(POS), torch.tensor(POS), [POS], np.array([POS]), torch.tensor([POS]), mask):
+        torch.testing.assert_close(logits(form), ref)
+    both = logits([POS, POS], ids2)
+    torch.testing.assert_close(both, ref.expand(2, -1, -1))
+    per_layer = torch.zeros(1, model.meta.n_heads, model.meta.head_dim)
+    per_layer[0, 3] = delta
+    keys = mask.clone()
+    with torch.no_grad(), model.edit_attention({LAYER: LayerEdit(value_delta=per_layer, value_keys=keys)}):
+        torch.testing.assert_close(model.hf(input_ids=ids2, use_cache=False).logits.float(), both)
