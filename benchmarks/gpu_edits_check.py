@@ -43,6 +43,17 @@ def tiny(dtype, tokenizer=None):
     return load_model(hf.eval(), device=DEVICE, dtype=dtype, tokenizer=tokenizer)
 
 
+def word_tokenizer(n: int = 64):
+    """A tokenizer for the tiny model's ids, built in code (no model files reach the GPU machine):
+    id i is the word t<i>. Top-activating examples decode their contexts with it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(n)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
 def cases(model, ids):
     B, S = ids.shape
     H, D = model.meta.n_heads, model.meta.head_dim
@@ -108,7 +119,7 @@ def check_sae() -> dict:
     from headscope.sae.architectures import SAE, SAEConfig
     from headscope.sae.metrics import reconstruction_metrics, top_activating
 
-    tokenizer = load_model().tokenizer  # the embedded one: top examples decode ids < 64 as text
+    tokenizer = word_tokenizer()
     model = tiny(torch.float32, tokenizer)
     torch.manual_seed(3)
     sae = SAE(SAEConfig(d_in=model.meta.n_heads * model.meta.head_dim, d_sae=256, arch="topk", k=8, layer=0,
