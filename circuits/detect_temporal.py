@@ -2,7 +2,7 @@
 heads: where language models recall time-specific information").
 
 The paper finds temporal heads with EAP-IG circuits. Here each head is scored by activation
-patching (headscope.circuits.patching) between a fact at one year (clean) and the same prompt at
+patching (headscope.circuits.patching; or its first-order estimate, attribution patching) between a fact at one year (clean) and the same prompt at
 another year with another answer (corrupted): the share of the clean-vs-corrupted logit difference
 (first token of the clean answer minus first token of the corrupted answer) that patching the head
 alone restores, as a ratio of means over the facts. Beside it, `year_mass`: the head's attention
@@ -27,13 +27,14 @@ from headscope.probe.errors import InputError
 
 from .ablation import ablate_heads
 from .detectors import DetectorConfig, check_params
-from .patching import last_logits, patch_heads
+from .patching import attribution_patch_heads, last_logits, patch_heads
 from .scores import DetectorResult, Validation, head_scores, top_heads
 from .validation import validate_heads
 from .temporal import (TemporalFact, answer_ids, candidate_eval, candidate_probability, load_facts, phrase_positions,
                        prompt_ids)
 
-DEFAULTS = {"ablation_mode": "zero", "heads_per_batch": 64}
+DEFAULTS = {"ablation_mode": "zero", "heads_per_batch": 64, "patching": "activation"}
+PATCHING = ("activation", "attribution")
 DEFAULT_FACTS = 24
 
 
@@ -74,9 +75,14 @@ def logit_gaps(model: HeadscopeModel, facts: list[TemporalFact]) -> list[tuple[f
 
 
 def temporal_patching(model: HeadscopeModel, facts: list[TemporalFact], n: int | None = None,
-                      heads_per_batch: int = 64, progress: bool = False) -> tuple[torch.Tensor, dict]:
+                      heads_per_batch: int = 64, progress: bool = False,
+                      method: str = "activation") -> tuple[torch.Tensor, dict]:
     """[L, H] patching score (ratio of means, see module doc) over the `n` facts whose year moves the
-    logit difference most (LD clean - LD corrupted > 0 only: elsewhere the year does not steer the model)."""
+    logit difference most (LD clean - LD corrupted > 0 only: elsewhere the year does not steer the model).
+    method "attribution": the first-order estimate (`attribution_patch_heads`), one forward and one
+    backward per fact instead of L x H / heads_per_batch forwards."""
+    if method not in PATCHING:
+        raise InputError(f"patching must be one of {PATCHING}, got {method!r}.")
     gaps = logit_gaps(model, facts)
     ranked = sorted((g[0] - g[1], i) for i, g in enumerate(gaps) if g[0] - g[1] > 0)[::-1][:n]
     effects, totals, kept = [], [], []
@@ -87,7 +93,8 @@ def temporal_patching(model: HeadscopeModel, facts: list[TemporalFact], n: int |
         def metric(logits, a=a, b=b):
             return (logits[:, a] - logits[:, b]).mean()
 
-        effects.append(patch_heads(model, clean, corrupt, metric, heads_per_batch=heads_per_batch))
+        effects.append(attribution_patch_heads(model, clean, corrupt, metric) if method == "attribution"
+                       else patch_heads(model, clean, corrupt, metric, heads_per_batch=heads_per_batch))
         totals.append(gap)
         kept.append({"prompt": f.prompt, "corrupt_prompt": f.corrupt_prompt, "ld_clean": gaps[i][0],
                      "ld_corrupt": gaps[i][1]})
@@ -134,11 +141,14 @@ def detect_temporal(model: HeadscopeModel, config: DetectorConfig | None = None)
         difference most; validation uses the facts the model answers right (candidate argmax);
         accuracy is reported on every fact;
     config.prompts_file: a jsonl of facts in the format of circuits/data/temporal_facts.jsonl;
-    config.params: "ablation_mode" (zero), "heads_per_batch" (64).
+    config.params: "ablation_mode" (zero), "heads_per_batch" (64), "patching" ("activation", or
+        "attribution": its first-order estimate, for models where L x H patches per fact are too many).
     """
     config = config or DetectorConfig()
     check_params("temporal", config)  # also when called directly, not through run_detector
     p = {**DEFAULTS, **config.params}
+    if p["patching"] not in PATCHING:
+        raise InputError(f"temporal parameter patching must be one of {PATCHING}, got {p['patching']!r}.")
     n = config.n_prompts if config.n_prompts is not None else DEFAULT_FACTS
     if n < 1:  # None means the default; 0 or less patches no fact
         raise InputError(f"n_prompts must be >= 1, got {n}.")
@@ -154,7 +164,8 @@ def detect_temporal(model: HeadscopeModel, config: DetectorConfig | None = None)
     if not known:
         warnings.warn("the model answers none of the temporal facts; validation asks about all of them "
                       "(summary: validation_facts = 'all, none known').", stacklevel=2)
-    score, info = temporal_patching(model, temporal, n, p["heads_per_batch"], config.progress)
+    score, info = temporal_patching(model, temporal, n, p["heads_per_batch"], config.progress, p["patching"])
+    info["method"] = p["patching"]
     patched = [f for f in temporal if any(k["prompt"] == f.prompt for k in info["facts"])] or temporal[:n]
     year_mass = year_attention(model, patched)
     df = head_scores("temporal", score, {"year_mass": year_mass})

@@ -1,4 +1,5 @@
-"""Per-head activation patching between a clean and a corrupted prompt.
+"""Per-head activation patching between a clean and a corrupted prompt, and its linear
+approximation, attribution patching.
 
 Run the corrupted prompt, replace one head's output z (before the output projection) by the clean
 run's z at every position, and measure a metric on the next-token logits. The effect of head
@@ -6,6 +7,12 @@ run's z at every position, and measure a metric on the next-token logits. The ef
 restores. Many heads are patched in one forward: the corrupted prompt is repeated along the batch
 and batch row r patches its own (layer, head) through `LayerEdit.z_fn`, so a whole model
 (L x H heads) costs ceil(L*H / heads_per_batch) forwards instead of L*H.
+
+Attribution patching (Nanda 2023; Syed et al. 2023) replaces each patch by the first-order term
+<z_clean - z_corrupt, d metric / d z> at the corrupted run: one clean forward and one corrupted
+forward + backward for every head at once, whatever the model size. It is exact for a metric linear
+in z and drifts from activation patching where the model is not (e.g. heads whose effect passes
+through a saturated softmax); check the heads it ranks first with `patch_heads`.
 """
 
 from __future__ import annotations
@@ -40,10 +47,14 @@ def _check_pair(model: HeadscopeModel, clean_ids: torch.Tensor, corrupt_ids: tor
 
 def last_logits(model: HeadscopeModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Next-token logits [B, V] at each row's last real token (right or left padding)."""
+    with torch.no_grad():
+        return _last_logits(model, input_ids, attention_mask)
+
+
+def _last_logits(model: HeadscopeModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     # without padding only the last position's logits are needed (the vocabulary projection dominates)
     keep = {"logits_to_keep": 1} if attention_mask is None else {}
-    with torch.no_grad():
-        out = model.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **keep)
+    out = model.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **keep)
     logits = out.logits
     if attention_mask is None:
         return logits[:, -1].float()
@@ -133,3 +144,46 @@ def patched_logits(model: HeadscopeModel, clean_ids: torch.Tensor, corrupt_ids: 
     edits = {l: LayerEdit(z_fn=_row_patch(clean_z[l], [(0, h) for ll, h in heads if ll == l], B)) for l in layers}
     with model.edit_attention(edits):
         return last_logits(model, corrupt_ids, mask)
+
+
+def attribution_patch_heads(model: HeadscopeModel, clean_ids: torch.Tensor, corrupt_ids: torch.Tensor,
+                            metric_fn: MetricFn, *, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Attribution patching of every head, clean -> corrupted (first-order `patch_heads`).
+
+    Args as `patch_heads`. Returns [L, H]: sum over batch, positions and head_dim of
+    (z_clean - z_corrupt) * d metric / d z_corrupt, the linear estimate of metric(patched) -
+    metric(corrupted). The backward runs through the exact torch attention path (the Triton kernel
+    has no backward); the model's parameters get no gradients.
+    """
+    clean_ids, corrupt_ids = _check_pair(model, clean_ids, corrupt_ids, attention_mask)
+    L, H = model.meta.n_layers, model.meta.n_heads
+    mask = attention_mask.to(model.device) if attention_mask is not None else None
+    clean_z = clean_head_outputs(model, clean_ids, list(range(L)), mask)
+    corrupt_z: dict[int, torch.Tensor] = {}
+    # z + 0 with the 0 a leaf: its .grad is the total derivative d metric / d z, through the later
+    # layers too (a detached z per layer would cut those paths)
+    probe = {l: None for l in range(L)}
+
+    def z_fn(z: torch.Tensor, layer: int) -> torch.Tensor:
+        corrupt_z[layer] = z.detach()
+        probe[layer] = torch.zeros_like(z, requires_grad=True)
+        return z + probe[layer]
+
+    params = list(model.hf.parameters())
+    was = [q.requires_grad for q in params]
+    try:
+        for q in params:
+            q.requires_grad_(False)
+        with torch.enable_grad(), model.edit_attention({l: LayerEdit(z_fn=z_fn) for l in range(L)}):
+            metric = metric_fn(_last_logits(model, corrupt_ids, mask))
+            if metric.dim() != 0:
+                raise InputError(f"metric_fn must return a scalar, got shape {tuple(metric.shape)}.")
+            metric.backward()
+    finally:
+        for q, w in zip(params, was):
+            q.requires_grad_(w)
+    effect = torch.empty(L, H)
+    for l in range(L):
+        diff = clean_z[l].to(corrupt_z[l].dtype) - corrupt_z[l]
+        effect[l] = (diff * probe[l].grad).float().sum((0, 2, 3)).cpu()
+    return effect

@@ -95,3 +95,37 @@ def test_temporal_detector_and_validation(model):
     ctl = v.to_dict()["control"]
     assert inv["random_k_damage"] == pytest.approx(ctl["random_k_damage"])
     assert inv["random_k_damage_all"] == pytest.approx(ctl["random_k_damage_all"])
+
+
+def test_temporal_patching_by_attribution(model, monkeypatch):
+    """method="attribution": the score is the mean first-order effect over the patched facts over the
+    mean logit-difference gap, each effect from attribution_patch_heads (itself checked against a
+    central difference in test_patching.py); detect_temporal passes its "patching" parameter on."""
+    from headscope.circuits import detect_temporal as dt
+    from headscope.circuits.patching import attribution_patch_heads
+
+    facts = load_facts(kind="temporal")[:4]
+    score, info = dt.temporal_patching(model, facts, 2, method="attribution")
+    used = [next(f for f in facts if f.prompt == k["prompt"]) for k in info["facts"]]
+    assert len(used) == 2
+    effects, gaps = [], []
+    for f in used:
+        clean, corrupt, a, b = dt._pair(model, f)
+        effects.append(attribution_patch_heads(model, clean, corrupt, lambda lg, a=a, b=b: (lg[:, a] - lg[:, b]).mean()))
+        lc, lx = dt.logit_gaps(model, [f])[0]
+        gaps.append(lc - lx)
+    torch.testing.assert_close(score, torch.stack(effects).mean(0) / (sum(gaps) / len(gaps)), atol=1e-5, rtol=1e-4)
+    with pytest.raises(InputError, match="patching must be one of"):
+        dt.temporal_patching(model, facts[:1], 1, method="gradient")
+
+    asked = {}
+
+    def fake(model, facts, n, heads_per_batch, progress, method):
+        asked["method"] = method
+        return torch.zeros(model.meta.n_layers, model.meta.n_heads), {"facts": [], "n_year_sensitive": 0}
+
+    monkeypatch.setattr(dt, "temporal_patching", fake)
+    res = detect_temporal(model, DetectorConfig(n_prompts=1, validate=False, params={"patching": "attribution"}))
+    assert asked["method"] == "attribution" == res.summary["patching"]["method"]
+    with pytest.raises(InputError, match="patching must be one of"):
+        detect_temporal(model, DetectorConfig(n_prompts=1, validate=False, params={"patching": "eap-ig"}))
