@@ -294,6 +294,24 @@ def test_bad_head_lists_are_in_page_errors(app, text, message):
     assert any(message in e for e in errors(at)), errors(at)
 
 
+def next_probs_with_head_input(model, ids, layer, head, fn) -> torch.Tensor:
+    """Next-token probabilities [V] with one head's D columns of o_proj's input (its z, [S, D])
+    replaced by fn(z), through a plain pre-hook: the reference for the Intervene page's edits."""
+    D = model.meta.head_dim
+
+    def pre(mod, args):
+        x = args[0].clone()
+        x[0, :, head * D:(head + 1) * D] = fn(x[0, :, head * D:(head + 1) * D])
+        return (x,)
+
+    hook = model.attention_modules[layer].o_proj.register_forward_pre_hook(pre)
+    try:
+        with torch.no_grad():
+            return torch.softmax(model.hf(input_ids=ids, use_cache=False).logits[0, -1].double(), -1)
+    finally:
+        hook.remove()
+
+
 def act_sinks(p: torch.Tensor) -> torch.Tensor:
     """[H, S] bool ACT sinks of one layer's probabilities [H, S, S]: colsum_j / (S - j) > 0.1, first skipped."""
     S_ = p.shape[-1]
@@ -316,14 +334,7 @@ def test_act_calibration_matches_formula_on_materialised_attention(app, model):
     _, rec = model.run_recorded(ids, None, None, qkv=[layer], stop_after_layer=layer)
     v = rec.v[0, 0, head // (9 // 3)].double()
     z = (p_cal @ v).float()
-    D = model.meta.head_dim
-    hook = model.attention_modules[layer].o_proj.register_forward_pre_hook(
-        lambda mod, args: (torch.cat([args[0][..., :head * D], z[None], args[0][..., (head + 1) * D:]], -1),))
-    try:
-        with torch.no_grad():
-            expected = torch.softmax(model.hf(input_ids=ids, use_cache=False).logits[0, -1].double(), -1)
-    finally:
-        hook.remove()
+    expected = next_probs_with_head_input(model, ids, layer, head, lambda cols: z)
 
     at = app(page="Intervene", layer=layer, head=head)
     at.radio(key="iv_mode").set_value("ACT calibration").run()
@@ -351,20 +362,8 @@ def test_value_edit_matches_attention_column_times_source_mean(app, model):
     src = model.tokenize(source, prepend_bos=True)["input_ids"]
     _, rec = model.run_recorded(src, None, None, qkv=[layer], stop_after_layer=layer)
     delta = coeff * rec.v[0, 0, head // 3, 1:].double().mean(0)
-    D = model.meta.head_dim
     add = (p[:, pos, None] * delta).float()
-
-    def pre(mod, args):
-        x = args[0].clone()
-        x[0, :, head * D:(head + 1) * D] += add
-        return (x,)
-
-    hook = model.attention_modules[layer].o_proj.register_forward_pre_hook(pre)
-    try:
-        with torch.no_grad():
-            expected = torch.softmax(model.hf(input_ids=ids, use_cache=False).logits[0, -1].double(), -1)
-    finally:
-        hook.remove()
+    expected = next_probs_with_head_input(model, ids, layer, head, lambda cols: cols + add)
 
     at = app(page="Intervene", layer=layer, head=head)
     at.radio(key="iv_mode").set_value("value edit").run()
