@@ -165,8 +165,8 @@ def cmd_eval(args) -> int:
     rec = reconstruction_metrics(sae, stream_activations(model, c.layer, c.site, batches))
     res = {"corpus": args.corpus or "embedded (seed 12345)", "split": split}
     res |= {k: v for k, v in rec.items() if k != "density"}
+    res |= ce_loss_recovered(model, sae, c.layer, batches)
     if c.site == "z":
-        res |= ce_loss_recovered(model, sae, c.layer, batches)
         attr = head_attribution(sae, model.meta.n_heads, model.meta.head_dim)
         lat = torch.argsort(rec["density"], descending=True)[: args.top_latents].tolist()
         res["top_contexts"] = top_activating(model, sae, c.layer, batches, lat, n=3)

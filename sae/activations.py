@@ -66,7 +66,7 @@ def model_activations(model, layer: int, site: str, input_ids: torch.Tensor,
         def keep(module, args, output):
             got["x"] = (output[0] if isinstance(output, tuple) else output).detach()
 
-        handle = _block_module(model, layer).register_forward_hook(keep)
+        handle = block_module(model, layer).register_forward_hook(keep)
         try:
             with torch.no_grad():
                 model.hf(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
@@ -76,7 +76,7 @@ def model_activations(model, layer: int, site: str, input_ids: torch.Tensor,
     raise ActivationError(f"unknown site {site!r}; use one of {SITES}.")
 
 
-def _block_module(model, layer: int) -> torch.nn.Module:
+def block_module(model, layer: int) -> torch.nn.Module:
     """The decoder block of `layer`: the ancestor of its attention module whose name ends in the layer
     index (model.layers.L for model.layers.L.self_attn, transformer.h.L for transformer.h.L.attn)."""
     attn = model.attention_modules[layer]

@@ -14,6 +14,7 @@ Definitions (over all evaluated tokens t, latents i):
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Iterable
 
 import torch
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 
 from headscope.probe.edits import LayerEdit
 
-from .activations import ActivationError, stream_activations
+from .activations import ActivationError, block_module, stream_activations
 
 
 @torch.no_grad()
@@ -75,6 +76,40 @@ def _zero_fn(skip_first: bool):
     return z_fn
 
 
+@contextmanager
+def _block_output_replaced(model, layer: int, fn):
+    """The residual stream after block `layer` (site "resid") replaced by fn(x [B, S, d_model])."""
+    def hook(module, args, output):
+        x = output[0] if isinstance(output, tuple) else output
+        y = fn(x)
+        return (y, *output[1:]) if isinstance(output, tuple) else y
+
+    handle = block_module(model, layer).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+def _site_edits(model, sae, layer: int, skip_first: bool) -> dict:
+    """{"sae", "zero"}: context managers that splice the SAE's reconstruction into the site, or zero it
+    (position 0 left alone with skip_first)."""
+    if sae.cfg.site == "z":
+        return {"sae": lambda: model.edit_attention({layer: LayerEdit(z_fn=_splice_fn(sae, model.meta.n_heads, skip_first))}),
+                "zero": lambda: model.edit_attention({layer: LayerEdit(z_fn=_zero_fn(skip_first))})}
+    if sae.cfg.site == "resid":
+        def keep_first(x, new):
+            return torch.cat([x[:, :1], new[:, 1:]], 1) if skip_first else new
+
+        def splice(x):
+            rec = sae(x.float().reshape(-1, x.shape[-1]))["x_hat"].reshape(x.shape).to(x.dtype)
+            return keep_first(x, rec)
+
+        return {"sae": lambda: _block_output_replaced(model, layer, splice),
+                "zero": lambda: _block_output_replaced(model, layer, lambda x: keep_first(x, torch.zeros_like(x)))}
+    raise ActivationError(f"CE loss recovered: unknown SAE site {sae.cfg.site!r} (z or resid).")
+
+
 def _next_token_loss(model, ids: torch.Tensor) -> tuple[float, int]:
     logits = model.hf(input_ids=ids, use_cache=False).logits.float()
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
@@ -83,25 +118,23 @@ def _next_token_loss(model, ids: torch.Tensor) -> tuple[float, int]:
 
 @torch.no_grad()
 def ce_loss_recovered(model, sae, layer: int, token_batches: Iterable[torch.Tensor], *, skip_first: bool = True) -> dict:
-    """Clean / SAE-spliced / zero-ablated next-token loss of a z-site SAE and the fraction recovered.
+    """Clean / SAE-spliced / zero-ablated next-token loss of a z-site (head outputs, spliced before
+    the output projection) or resid-site (block output) SAE, and the fraction recovered.
 
     token_batches: token ids [B, S]. Returns {"ce_clean", "ce_sae",
     "ce_zero" (nats/token over every next-token target), "tokens", "ce_recovered"}.
     """
     model.meta.check_layer(layer)
-    if sae.cfg.site != "z":
-        raise ActivationError("CE loss recovered is implemented for z (head output) SAEs; this one is on "
-                              f"{sae.cfg.site!r}.")
     sae.eval()
     totals = {"clean": 0.0, "sae": 0.0, "zero": 0.0}
     count = 0
-    edits = {"sae": _splice_fn(sae, model.meta.n_heads, skip_first), "zero": _zero_fn(skip_first)}
+    edits = _site_edits(model, sae, layer, skip_first)
     for ids in token_batches:
         ids = ids.to(model.device)
         loss, n = _next_token_loss(model, ids)
         totals["clean"] += loss
-        for name, fn in edits.items():
-            with model.edit_attention({layer: LayerEdit(z_fn=fn)}):
+        for name, edit in edits.items():
+            with edit():
                 totals[name] += _next_token_loss(model, ids)[0]
         count += n
     if count == 0:

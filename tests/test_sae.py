@@ -258,6 +258,43 @@ def test_ce_loss_recovered_against_manual_splice(model, trained_z_sae):
     assert zero > clean
 
 
+def test_ce_loss_recovered_on_the_residual_stream_against_manual_splice(model):
+    """site resid: the SAE's reconstruction replaces the decoder block's output (a hook on
+    model.hf.model.layers[L] itself here), position 0 left alone; zero ablation zeroes it."""
+    torch.manual_seed(1)
+    d = model.meta.d_model
+    sae = SAE(SAEConfig(d_in=d, d_sae=2 * d, arch="topk", k=32, layer=LAYER, site="resid"))
+    ids = next(packed_batches(model.tokenizer, default_corpus(seed=98), seq_len=40, batch_size=2, bos_id=1))
+    with torch.no_grad():  # a decoder bias at the stream's mean, so the splice is not absurd
+        sae.b_dec.copy_(model_activations(model, LAYER, "resid", ids)[:, 1:].reshape(-1, d).mean(0))
+    got = ce_loss_recovered(model, sae, LAYER, [ids])
+    block = model.hf.model.layers[LAYER]
+
+    def run(replace):
+        def hook(m, a, out):
+            x = out[0] if isinstance(out, tuple) else out
+            y = torch.cat([x[:, :1], replace(x)[:, 1:]], 1)
+            return (y, *out[1:]) if isinstance(out, tuple) else y
+
+        h = block.register_forward_hook(hook) if replace else None
+        try:
+            with torch.no_grad():
+                logits = model.hf(input_ids=ids, use_cache=False).logits
+        finally:
+            if h:
+                h.remove()
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+
+    clean = run(None)
+    spliced = run(lambda x: sae(x.reshape(-1, d))["x_hat"].reshape(x.shape))
+    zero = run(torch.zeros_like)
+    assert got["ce_clean"] == pytest.approx(clean, abs=1e-4)
+    assert got["ce_sae"] == pytest.approx(spliced, abs=1e-4)
+    assert got["ce_zero"] == pytest.approx(zero, abs=1e-4)
+    assert got["ce_recovered"] == pytest.approx((zero - spliced) / (zero - clean), abs=1e-3)
+    assert zero > clean and spliced != pytest.approx(clean, abs=1e-3)
+
+
 def test_head_attribution_and_top_contexts(model, trained_z_sae):
     sae = trained_z_sae
     a = head_attribution(sae)
