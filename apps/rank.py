@@ -51,7 +51,8 @@ def add_rank_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n-random", type=int, default=None, help="random head sets in the causal check (default 5)")
     p.add_argument("--no-validate", dest="validate", action="store_const", const=False, default=None,
                    help="skip the causal check (ablation of top-k vs random heads)")
-    p.add_argument("--prompts", default=None, help="your own prompts: a .txt (one per line) or .jsonl file")
+    p.add_argument("--prompts", default=None,
+                   help="your own prompts: a .txt (one per line) or .jsonl file, or a saved HF dataset folder")
     p.add_argument("--config", default=None, help="TOML file with these options and [detectors.<kind>] tables")
     p.add_argument("--out", default=None, help="report directory (default ./headscope-report)")
     p.add_argument("--quiet", action="store_const", const=True, default=None, help="no progress bars")

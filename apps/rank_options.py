@@ -208,7 +208,13 @@ def _check(opts: RankOptions) -> None:
 
 
 def check_prompt_file(path: str) -> None:
-    """Refuse a prompt file we cannot read as UTF-8 text, or one without any text, before any work."""
+    """Refuse a prompt file we cannot read as UTF-8 text, or one without any text (or a dataset folder
+    that load_prompts cannot read), before any work."""
+    if os.path.isdir(path):
+        from headscope.circuits.prompts import load_prompts
+
+        load_prompts(path)
+        return
     if not os.path.isfile(path):
         raise InputError(f"prompt file {path!r} does not exist or is not a regular file.")
     try:

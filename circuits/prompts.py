@@ -5,7 +5,8 @@ Every detector imports its prompts from here:
 - `natural_text()`: the embedded English corpus (`circuits/data/natural_text.txt`, ~50 original
   paragraphs, no download) as a list of paragraphs.
 - `load_prompts(path)`: user prompts from a .txt file (paragraphs separated by blank lines, or one
-  prompt per line when the file has no blank lines) or a .jsonl file (one {"text": ...} per line).
+  prompt per line when the file has no blank lines), a .jsonl file (one {"text": ...} per line) or
+  a local HF dataset folder.
 - `text_windows(tokenizer, texts, seq_len, n, seed, bos)`: [n, seq_len] token windows cut from the
   texts joined into one token stream.
 - `repeated_random_tokens(tokenizer, n, period, repeats, seed, bos)`: `[BOS] r r ...` prompts of
@@ -51,10 +52,22 @@ def load_prompts(path) -> list[str]:
     """Prompts from a user file.
 
     .txt: paragraphs separated by blank lines; a file without blank lines gives one prompt per
-    non-empty line. .jsonl: one JSON object per line with a non-empty string "text".
+    non-empty line. .jsonl: one JSON object per line with a non-empty string "text". A directory:
+    a local HF dataset saved with `save_to_disk` (its "text" column; the "train" split of a
+    DatasetDict), read as the SAE corpus reader reads it.
     Raises InputError for a missing, unreadable, empty or malformed file.
     """
     p = Path(path)
+    if p.is_dir():
+        from headscope.sae.corpus import CorpusError, load_texts
+
+        try:
+            prompts = [t.strip() for t in load_texts(p) if t.strip()]
+        except CorpusError as exc:
+            raise InputError(str(exc)) from None
+        if not prompts:
+            raise InputError(f"dataset {p} holds no non-empty texts.")
+        return prompts
     if not p.is_file():
         raise InputError(f"prompt file {p} does not exist (or is not a file).")
     try:

@@ -99,3 +99,23 @@ def test_bad_shapes_raise(tok):
         P.repeated_random_tokens(tok, 2, 5, repeats=1)
     with pytest.raises(InputError):
         P.text_windows(tok, seq_len=1)
+
+
+def test_load_prompts_from_a_saved_hf_dataset(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.DatasetDict({"test": datasets.Dataset.from_dict({"text": ["held out"]}),
+                          "train": datasets.Dataset.from_dict({"text": [" first text ", "", "second"]})}
+                         ).save_to_disk(str(tmp_path / "ds"))
+    assert P.load_prompts(tmp_path / "ds") == ["first text", "second"]
+    datasets.Dataset.from_dict({"body": ["x"]}).save_to_disk(str(tmp_path / "other"))
+    with pytest.raises(InputError, match="no column 'text'"):
+        P.load_prompts(tmp_path / "other")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="save_to_disk"):
+        P.load_prompts(tmp_path / "empty")
+    # `headscope rank --prompts DIR` checks the folder the same way before any model work
+    from headscope.apps.rank_options import check_prompt_file
+
+    check_prompt_file(str(tmp_path / "ds"))
+    with pytest.raises(InputError, match="save_to_disk"):
+        check_prompt_file(str(tmp_path / "empty"))
