@@ -33,10 +33,10 @@ class LayerEdit:
     z_fn: called on the per-head outputs z [B, H, Sq, D] of the layer; returns the edited z.
     value_delta / value_keys: add value_delta [H, D] (or one per example, [B, H, D]) to each query
         head's value vector at the keys of value_keys, a [B, S] bool key set (B = 1: every example;
-        the temporal-heads edit). The value vectors themselves are not touched: p does not depend on v, so the edit is
-        exactly z_i += p_i(value_keys) * value_delta with the call's own probabilities (one
-        keyset_mass statistic), which keeps it per query head under GQA and applies it to every
-        later query that attends to those keys, cached decoding included.
+        the temporal-heads edit). The value vectors themselves are not touched: p does not depend
+        on v, so the edit is exactly z_i += p_i(value_keys) * value_delta with the call's own
+        probabilities (one keyset_mass statistic), which keeps it per query head under GQA and
+        applies it to every later query that attends to those keys, cached decoding included.
     """
 
     head_mask: torch.Tensor | None = None
