@@ -4,9 +4,9 @@ heads: where language models recall time-specific information").
 The paper finds temporal heads with EAP-IG circuits. Here each head is scored by activation
 patching (headscope.circuits.patching; or its first-order estimate, attribution patching) between
 a fact at one year (clean) and the same prompt at another year with another answer (corrupted):
-the share of the clean-vs-corrupted logit difference
-(first token of the clean answer minus first token of the corrupted answer) that patching the head
-alone restores, as a ratio of means over the facts. Beside it, `year_mass`: the head's attention
+the share of the clean-vs-corrupted logit difference (first token of the clean answer minus first
+token of the corrupted answer) that patching the head alone restores, as a ratio of means over the
+facts. Beside it, `year_mass`: the head's attention
 from the last position onto the year tokens (keyset_mass; our addition).
 
 Causal check, as the paper evaluates: mean candidate probability of the true answer on temporal
