@@ -51,6 +51,9 @@ def add_rank_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--n-random", type=int, default=None, help="random head sets in the causal check (default 5)")
     p.add_argument("--no-validate", dest="validate", action="store_const", const=False, default=None,
                    help="skip the causal check (ablation of top-k vs random heads)")
+    p.add_argument("--ablate-each", dest="ablate_each", action="store_const", const=True, default=None,
+                   help="the causal check also ablates each top head alone: an ablation_delta column "
+                        "(top_k more runs of each behaviour metric)")
     p.add_argument("--prompts", default=None,
                    help="your own prompts: a .txt (one per line) or .jsonl file, or a saved HF dataset folder")
     p.add_argument("--config", default=None, help="TOML file with these options and [detectors.<kind>] tables")

@@ -14,6 +14,7 @@ Config file (every key optional; command-line flags win over it):
     top_k = 8
     n_random = 5
     validate = true
+    ablate_each = false                 # also ablate each top head alone (ablation_delta column)
     out = "headscope-report"
     prompts = "my_prompts.txt"
 
@@ -58,7 +59,7 @@ LONG_SEQ, LONG_TOKEN_BUDGET = 2048, 16384
 LONG_DEFAULTS: dict[str, dict] = {"sink": {"batch_size": 1, "validation_prompts": 1, "compare_no_bos": False}}
 _CONFIG_FIELDS = {f.name for f in dataclasses.fields(DetectorConfig)} - {"params", "progress"}
 _TOP_LEVEL = {"model", "kinds", "seq_len", "n_prompts", "batch_size", "device", "device_map", "dtype", "seed",
-              "top_k", "n_random", "validate", "out", "prompts", "quiet", "detectors"}
+              "top_k", "n_random", "validate", "ablate_each", "out", "prompts", "quiet", "detectors"}
 
 
 @dataclass
@@ -77,6 +78,7 @@ class RankOptions:
     top_k: int = 8
     n_random: int = 5
     validate: bool = True
+    ablate_each: bool = False
     out: str = "headscope-report"
     prompts: str | None = None
     quiet: bool = False
@@ -98,7 +100,7 @@ class RankOptions:
             defaults.update(n_prompts=max(1, LONG_TOKEN_BUDGET // seq_len), **LONG_DEFAULTS.get(kind, {}))
         cfg = {k: v for k, v in defaults.items() if k in _CONFIG_FIELDS}
         params = {k: v for k, v in defaults.items() if k not in _CONFIG_FIELDS}
-        for name in ("seq_len", "n_prompts", "batch_size", "seed", "top_k", "n_random", "validate"):
+        for name in ("seq_len", "n_prompts", "batch_size", "seed", "top_k", "n_random", "validate", "ablate_each"):
             if getattr(self, name) is not None:
                 cfg[name] = getattr(self, name)
         for k, v in table.items():

@@ -133,7 +133,7 @@ def validate_previous_token(model, config: DetectorConfig, df):
     tokens, targets, T = _repeat_validation_set(model, config)
     return validate_heads(model, "previous_token", top_heads(df, config.top_k),
                           lambda m: token_loss(m, tokens, targets, config.batch_size),
-                          config.top_k, config.n_random, config.seed, progress=config.progress,
+                          config.top_k, config.n_random, config.seed, progress=config.progress, each=config.ablate_each,
                           metric=f"loss increase on the repeated half of [BOS] r r, T={T} (nats/token)",
                           notes="previous-token heads feed induction heads; random sets exclude the top heads")
 
@@ -221,7 +221,7 @@ def validate_repeat(model, config: DetectorConfig, kind: str, df, notes: str):
     tokens, targets, T = _repeat_validation_set(model, config)
     return validate_heads(model, kind, top_heads(df, config.top_k),
                           lambda m: token_loss(m, tokens, targets, config.batch_size),
-                          config.top_k, config.n_random, config.seed, progress=config.progress,
+                          config.top_k, config.n_random, config.seed, progress=config.progress, each=config.ablate_each,
                           metric=f"loss increase on the repeated half of [BOS] r r, T={T} (nats/token)",
                           notes=notes)
 

@@ -203,7 +203,7 @@ def needle_accuracy(model: HeadscopeModel, prompts: list[NeedlePrompt], max_new_
 
 def validate_retrieval(model: HeadscopeModel, scores: pd.DataFrame, prompts: list[NeedlePrompt], k: int = 8,
                        n_random: int = 5, seed: int = 0, mode: str = "uniform",
-                       max_new_tokens: int | None = None, progress: bool = False) -> Validation:
+                       max_new_tokens: int | None = None, progress: bool = False, each: bool = False) -> Validation:
     """Needle accuracy (ROUGE-1 recall) lost when the top-k retrieval heads are masked vs k random heads."""
     if not prompts:
         raise InputError("retrieval validation needs at least one needle prompt.")
@@ -211,7 +211,8 @@ def validate_retrieval(model: HeadscopeModel, scores: pd.DataFrame, prompts: lis
     return validate_heads(model, "retrieval", top, lambda m: needle_accuracy(m, prompts, max_new_tokens), k,
                           n_random, seed, metric=f"needle ROUGE-1 recall lost ({mode} attention masking)",
                           ablate=lambda m, heads: ablate_heads(m, heads, mode=mode), higher_is_worse=False,
-                          notes=f"{len(prompts)} retrieved needle prompts; top heads {top}.", progress=progress)
+                          notes=f"{len(prompts)} retrieved needle prompts; top heads {top}.", progress=progress,
+                          each=each)
 
 
 def detect_retrieval(model: HeadscopeModel, config: DetectorConfig | None = None) -> DetectorResult:
@@ -270,7 +271,7 @@ def detect_retrieval(model: HeadscopeModel, config: DetectorConfig | None = None
     if config.validate and kept:
         val_prompts = [t.prompt for t in sorted(kept, key=lambda t: t.prompt.input_ids.shape[0])][: p["n_validation"]]
         validation = validate_retrieval(model, df, val_prompts, config.top_k, config.n_random, config.seed,
-                                        p["ablation_mode"], p["max_new_tokens"], config.progress)
+                                        p["ablation_mode"], p["max_new_tokens"], config.progress, config.ablate_each)
     return DetectorResult(kind="retrieval", scores=df, summary=summary, validation=validation)
 
 

@@ -164,7 +164,7 @@ def validate_sink(model, config: DetectorConfig, df, T: int, bos: bool):
     targets[:, 1:] = True
     return validate_heads(model, "sink", top_heads(df, config.top_k), lambda m: token_loss(m, tokens, targets, bs),
                           config.top_k, config.n_random, config.seed, progress=config.progress,
-                          ablate=lambda m, heads: without_sink(m, heads, bs, T),
+                          each=config.ablate_each, ablate=lambda m, heads: without_sink(m, heads, bs, T),
                           metric=f"natural-text loss increase (nats/token, T={T}) when attention on key 0 is "
                                  "removed (beta = 0, redistributed)",
                           notes="the sink is removed rather than the head zeroed (see detect_sink); "

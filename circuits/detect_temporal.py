@@ -109,21 +109,21 @@ def temporal_patching(model: HeadscopeModel, facts: list[TemporalFact], n: int |
 
 def validate_temporal(model: HeadscopeModel, scores, temporal: list[TemporalFact], invariant: list[TemporalFact],
                       k: int = 8, n_random: int = 5, seed: int = 0, mode: str = "zero",
-                      progress: bool = False) -> tuple[Validation, dict]:
+                      progress: bool = False, each: bool = False) -> tuple[Validation, dict]:
     """Drop of the mean true-answer candidate probability on temporal facts when the top-k heads are
     ablated vs k random heads -> (Validation, the same numbers on the invariant controls, same head sets)."""
     if not temporal or not invariant:
         raise InputError("temporal validation needs temporal facts and invariant controls.")
     top = top_heads(scores, k)
 
-    def run(facts, what):
+    def run(facts, what, each=False):
         return validate_heads(model, "temporal", top, lambda m: float(candidate_probability(m, facts).mean()), k,
                               n_random, seed, metric=f"drop of mean true-answer candidate probability, {what} "
                                                      f"({mode} ablation)",
                               ablate=lambda m, heads: ablate_heads(m, heads, mode=mode), higher_is_worse=False,
-                              progress=progress)
+                              progress=progress, each=each)
 
-    v, inv = run(temporal, "temporal facts"), run(invariant, "invariant facts")
+    v, inv = run(temporal, "temporal facts", each), run(invariant, "invariant facts")
     v.notes = (f"temporal {v.baseline:.3f} -> {v.baseline - v.top_k_damage:.3f}, invariant {inv.baseline:.3f} -> "
                f"{inv.baseline - inv.top_k_damage:.3f} with the top-{k} heads {top} ablated; random {k}-head sets: "
                f"temporal drop median {v.random_median:.3f}, invariant drop median {inv.random_median:.3f} "
@@ -184,7 +184,7 @@ def detect_temporal(model: HeadscopeModel, config: DetectorConfig | None = None)
     if config.validate and invariant and info["facts"]:
         validation, summary["invariant_validation"] = validate_temporal(
             model, df, asked, invariant, config.top_k, config.n_random, config.seed, p["ablation_mode"],
-            progress=config.progress)
+            progress=config.progress, each=config.ablate_each)
     return DetectorResult(kind="temporal", scores=df, summary=summary, validation=validation)
 
 

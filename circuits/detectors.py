@@ -43,7 +43,9 @@ class DetectorConfig:
     seq_len: prompt length in tokens; n_prompts: how many prompts; batch_size: prompts per forward;
     seed: seeds every random choice (same seed, same scores); validate: run the causal check
     (`DetectorResult.validation`, else None); top_k: heads ablated in validation; n_random: random
-    head sets (seeds) in validation; progress: tqdm bars; prompts_file: user prompts (.txt / .jsonl);
+    head sets (seeds) in validation; ablate_each: validation also ablates each top head alone (top_k
+    more runs of the kind's behaviour metric; the `ablation_delta` column); progress: tqdm bars;
+    prompts_file: user prompts (.txt / .jsonl / a saved HF dataset folder);
     params: kind-specific parameters (e.g. {"eps": 0.3} for sink; each detector's module docstring
     lists its own, and an unknown name raises InputError).
     """
@@ -55,6 +57,7 @@ class DetectorConfig:
     top_k: int = 8
     validate: bool = True
     n_random: int = 5
+    ablate_each: bool = False
     progress: bool = True
     prompts_file: str | None = None
     params: dict = field(default_factory=dict)

@@ -69,6 +69,8 @@ class Validation:
     # The same head sets on a control behaviour the heads should NOT affect (e.g. temporal heads on
     # time-invariant facts): {"metric", "baseline", "top_k_damage", "random_k_damage": [...]}.
     control: dict | None = None
+    # With DetectorConfig.ablate_each: [(layer, head, damage)] of each top head ablated alone.
+    each_damage: list | None = None
 
     @property
     def random_median(self) -> float:
@@ -150,6 +152,8 @@ class Validation:
         if self.control:
             d["control"] = {**self.control, "random_k_damage_all": [float(x) for x in self.control["random_k_damage"]],
                             "random_k_damage": self.control_median}
+        if self.each_damage is not None:
+            d["each_damage"] = [{"layer": int(l), "head": int(h), "damage": float(x)} for l, h, x in self.each_damage]
         return d
 
 
@@ -161,3 +165,21 @@ class DetectorResult:
     scores: pd.DataFrame
     summary: dict = field(default_factory=dict)
     validation: Validation | None = None
+
+    def __setattr__(self, name, value):
+        # Detectors often attach the validation after building the result: the per-head ablation
+        # column follows whichever of scores / validation is set last.
+        object.__setattr__(self, name, value)
+        if name in ("scores", "validation") and "scores" in self.__dict__ and "validation" in self.__dict__:
+            self._attach_ablation_delta()
+
+    def _attach_ablation_delta(self) -> None:
+        """DESIGN's per-head ablation column: the damage of each top head ablated alone
+        (`Validation.each_damage`, DetectorConfig.ablate_each); NaN for the heads not ablated alone."""
+        each = self.validation.each_damage if self.validation is not None else None
+        if each is None:
+            return
+        damage = {(int(l), int(h)): float(x) for l, h, x in each}
+        df = self.scores.assign(ablation_delta=[damage.get((int(l), int(h)), float("nan"))
+                                                for l, h in zip(self.scores["layer"], self.scores["head"])])
+        object.__setattr__(self, "scores", df)

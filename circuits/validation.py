@@ -52,7 +52,8 @@ def random_head_sets(n_layers: int, n_heads: int, k: int, n_sets: int, seed: int
 
 def validate_heads(model, kind: str, top_heads, damage_fn: Callable[[object], float], k: int = 8,
                    n_random: int = 5, seed: int = 0, *, metric: str = "", ablate=zero_ablation,
-                   higher_is_worse: bool = True, notes: str = "", progress: bool = False) -> Validation:
+                   higher_is_worse: bool = True, notes: str = "", each: bool = False,
+                   progress: bool = False) -> Validation:
     """Damage from ablating the first k of `top_heads` vs `n_random` random k-head sets -> Validation.
 
     Args:
@@ -66,6 +67,8 @@ def validate_heads(model, kind: str, top_heads, damage_fn: Callable[[object], fl
         metric: what damage_fn measures, in words and units.
         ablate: (model, heads) -> context manager that removes those heads.
         higher_is_worse: False when damage_fn returns something that ablation should lower.
+        each: also ablate each top head alone (k more damage_fn calls): `Validation.each_damage`,
+            the detector's `ablation_delta` column.
     """
     if n_random < 1:
         raise InputError(f"validation compares the top heads with random head sets: n_random must be >= 1, "
@@ -83,12 +86,19 @@ def validate_heads(model, kind: str, top_heads, damage_fn: Callable[[object], fl
         k = len(top)
     sign = 1.0 if higher_is_worse else -1.0
     sets = random_head_sets(model.meta.n_layers, model.meta.n_heads, k, n_random, seed, exclude=top)
-    bar = tqdm(total=2 + n_random, desc=f"validate {kind}", disable=not progress, leave=False)
+    bar = tqdm(total=2 + n_random + (k if each else 0), desc=f"validate {kind}", disable=not progress, leave=False)
     baseline = float(damage_fn(model))
     bar.update()
     with ablate(model, top):
         top_damage = sign * (float(damage_fn(model)) - baseline)
     bar.update()
+    each_damage = None
+    if each:
+        each_damage = []
+        for head in top:
+            with ablate(model, [head]):
+                each_damage.append((*head, sign * (float(damage_fn(model)) - baseline)))
+            bar.update()
     random_damage = []
     for heads in sets:
         with ablate(model, heads):
@@ -96,4 +106,4 @@ def validate_heads(model, kind: str, top_heads, damage_fn: Callable[[object], fl
         bar.update()
     bar.close()
     return Validation(kind=kind, k=k, metric=metric, top_k_damage=top_damage, random_k_damage=random_damage,
-                      baseline=baseline, notes=notes)
+                      baseline=baseline, notes=notes, each_damage=each_damage)

@@ -184,3 +184,42 @@ def test_bad_sizes_fail_before_recording(model, monkeypatch):
     with pytest.raises(InputError, match="n_prompts"):
         run_detector(model, "sink", DetectorConfig(seq_len=16, n_prompts=0, progress=False))
     assert calls == []
+
+
+def test_ablation_delta_of_each_top_induction_head_against_a_plain_hook(model):
+    """--ablate-each: each top head's ablation_delta is the repeated-half loss with that head's o_proj
+    input columns zeroed by a plain hook, minus the loss without it (same validation tokens)."""
+    import torch.nn.functional as F
+
+    from headscope.circuits.detect_positional import _repeat_validation_set
+
+    cfg = DetectorConfig(n_prompts=4, batch_size=4, progress=False, n_random=2, top_k=3, ablate_each=True)
+    res = detect_induction(model, cfg)
+    tokens, targets, _ = _repeat_validation_set(model, cfg)
+    D = model.meta.head_dim
+
+    def loss(head=None):
+        hook = None
+        if head is not None:
+            l, h = head
+
+            def zero(mod, args):
+                x = args[0].clone()
+                x[..., h * D:(h + 1) * D] = 0
+                return (x,)
+            hook = model.attention_modules[l].o_proj.register_forward_pre_hook(zero)
+        try:
+            with torch.no_grad():
+                logits = model.hf(input_ids=tokens, use_cache=False).logits.float()
+        finally:
+            if hook is not None:
+                hook.remove()
+        nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), tokens[:, 1:], reduction="none")
+        return float(nll[targets[:, 1:]].mean())
+
+    base = loss()
+    got = res.scores.dropna(subset=["ablation_delta"])
+    assert len(got) == 3
+    for _, row in got.iterrows():
+        assert row["ablation_delta"] == pytest.approx(loss((int(row["layer"]), int(row["head"]))) - base, abs=2e-4)
+    assert got["ablation_delta"].max() > 0.01  # a top induction head matters on its own

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from headscope.circuits.scores import Validation
 
 
@@ -110,3 +112,57 @@ def test_no_random_sets_is_refused():
 
     with pytest.raises(InputError, match="n_random must be >= 1"):
         validate_heads(None, "sink", [(0, 0)], lambda m: 0.0, k=1, n_random=0)
+
+
+def test_each_top_head_ablated_alone_gives_the_ablation_delta_column():
+    """each=True: one more damage run per top head, with that head alone ablated; the result's scores
+    get `ablation_delta` (NaN for the other heads), heads.json gets it through to_dict."""
+    import contextlib
+
+    import numpy as np
+
+    from headscope.circuits.scores import DetectorResult, head_scores, top_heads
+    from headscope.circuits.validation import validate_heads
+
+    class Meta:
+        n_layers, n_heads = 4, 3
+
+    class M:
+        meta = Meta()
+
+    weight = {(l, h): 0.1 * (3 * l + h) for l in range(4) for h in range(3)}  # damage of each head
+    ablated: list = []
+
+    @contextlib.contextmanager
+    def ablate(model, heads):
+        ablated.append(list(heads))
+        yield
+        ablated.pop()
+
+    def damage(model):  # metric: 1 + the summed weight of the heads ablated right now
+        return 1.0 + sum(weight[h] for hs in ablated for h in hs)
+
+    grid = np.arange(12, dtype=float).reshape(4, 3)
+    df = head_scores("induction", grid)
+    top = top_heads(df, 2)
+    v = validate_heads(M(), "induction", top, damage, k=2, n_random=2, ablate=ablate, each=True)
+    assert v.each_damage == [(l, h, pytest.approx(weight[(l, h)])) for l, h in top]
+    assert v.top_k_damage == pytest.approx(sum(weight[h] for h in top))
+    res = DetectorResult("induction", df, validation=v)
+    cols = res.scores.set_index(["layer", "head"])["ablation_delta"]
+    for l, h in top:
+        assert cols[(l, h)] == pytest.approx(weight[(l, h)])
+    assert cols.isna().sum() == 12 - 2
+    assert json.loads(json.dumps(v.to_dict()))["each_damage"][0] == {"layer": top[0][0], "head": top[0][1],
+                                                                   "damage": pytest.approx(weight[top[0]])}
+    plain = validate_heads(M(), "induction", top, damage, k=2, n_random=2, ablate=ablate)
+    assert plain.each_damage is None and "ablation_delta" not in DetectorResult("induction", df, validation=plain).scores
+
+
+def test_ablate_each_reaches_the_detectors_from_the_cli():
+    from headscope.apps.cli import build_parser
+    from headscope.apps.rank_options import resolve
+
+    opts = resolve(build_parser().parse_args(["rank", "--ablate-each", "--detectors", "induction"]))
+    assert opts.detector_config("induction").ablate_each
+    assert not resolve(build_parser().parse_args(["rank"])).detector_config("sink").ablate_each
