@@ -227,6 +227,19 @@ def trained_z_sae(z_store):
     return train(sae, z_store, tc, progress=False).sae
 
 
+def _next_token_ce(model, ids, register=None) -> float:
+    """Mean next-token cross-entropy of ids, with the hook that register() installs (and returns the
+    handle of) in place during the forward: the reference for CE loss recovered."""
+    h = register() if register else None
+    try:
+        with torch.no_grad():
+            logits = model.hf(input_ids=ids, use_cache=False).logits
+    finally:
+        if h:
+            h.remove()
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+
+
 def test_ce_loss_recovered_against_manual_splice(model, trained_z_sae):
     sae = trained_z_sae
     ids = next(packed_batches(model.tokenizer, default_corpus(seed=99), seq_len=48, batch_size=2, bos_id=1))
@@ -236,14 +249,8 @@ def test_ce_loss_recovered_against_manual_splice(model, trained_z_sae):
     o_proj = model.attention_modules[LAYER].o_proj
 
     def run(replace):
-        h = o_proj.register_forward_pre_hook(lambda m, a: (replace(a[0]),)) if replace else None
-        try:
-            with torch.no_grad():
-                logits = model.hf(input_ids=ids, use_cache=False).logits
-        finally:
-            if h:
-                h.remove()
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+        return _next_token_ce(model, ids, replace and (
+            lambda: o_proj.register_forward_pre_hook(lambda m, a: (replace(a[0]),))))
 
     def splice(z):
         out = sae(z.reshape(-1, 576))["x_hat"].reshape(z.shape)
@@ -276,14 +283,7 @@ def test_ce_loss_recovered_on_the_residual_stream_against_manual_splice(model):
             y = torch.cat([x[:, :1], replace(x)[:, 1:]], 1)
             return (y, *out[1:]) if isinstance(out, tuple) else y
 
-        h = block.register_forward_hook(hook) if replace else None
-        try:
-            with torch.no_grad():
-                logits = model.hf(input_ids=ids, use_cache=False).logits
-        finally:
-            if h:
-                h.remove()
-        return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+        return _next_token_ce(model, ids, replace and (lambda: block.register_forward_hook(hook)))
 
     clean = run(None)
     spliced = run(lambda x: sae(x.reshape(-1, d))["x_hat"].reshape(x.shape))
