@@ -35,8 +35,10 @@ def render_intervene() -> None:
     mode = st.radio("Intervention", MODES, horizontal=True, key="iv_mode")
     beta = st.slider("beta (ACT: attention on sink tokens is scaled by beta)", 0.05, 1.0, 0.4, 0.05,
                      key="iv_beta") if mode == "ACT calibration" else 1.0
+    encoded = None
     if mode == "value edit":  # the token to edit is picked before the run
-        ids, labels = S.encode_prompt(model, st.session_state.get("prompt", ""))
+        encoded = S.encode_prompt(model, st.session_state.get("prompt", ""))
+        labels = encoded[1]
         st.caption("Adds coeff x (the head's value vectors averaged over a source prompt, BOS left out) to "
                    "the head's value at one token of your prompt: the temporal-heads paper's edit. Every "
                    "later query that attends to that token reads the change.")
@@ -47,7 +49,7 @@ def render_intervene() -> None:
         st.caption("The next-token distribution after the prompt, before and after the intervention.")
         return
     heads = S.parse_heads(text, meta.n_layers, meta.n_heads)
-    ids, labels = S.encode_prompt(model, st.session_state.get("prompt", ""))
+    ids, labels = encoded or S.encode_prompt(model, st.session_state.get("prompt", ""))
     progress = st.progress(0.0, text="forward without intervention...")
     before = S.next_token_probs(model, ids)
     progress.progress(0.5, text=f"forward with {mode} of {len(heads)} head(s)...")

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-from contextlib import contextmanager
-
 import torch
 
 from headscope.circuits.ablation import ablate_heads
@@ -64,17 +62,13 @@ def cases(model, ids):
     beta = torch.linspace(0.2, 1.0, H)
     deltas = {(0, 1): 6 * torch.randn(D, generator=g), (1, 5): 6 * torch.randn(D, generator=g)}
 
-    @contextmanager
-    def edit(edits):
-        with model.edit_attention(edits):
-            yield
-
     return {
         "value_edit": lambda: edit_values(model, deltas, [7, 9]),
         "ablate_zero": lambda: ablate_heads(model, [(0, 2), (1, 0)]),
         "ablate_uniform": lambda: ablate_heads(model, [(0, 3), (1, 6)], mode="uniform"),
-        "key_scale_per_head": lambda: edit({0: LayerEdit(key_scale_beta=beta, keys=per_head.to(model.device))}),
-        "key_bias": lambda: edit({1: LayerEdit(key_bias=torch.full((H,), 2.0), keys=keys.to(model.device))}),
+        "key_scale_per_head": lambda: model.edit_attention(
+            {0: LayerEdit(key_scale_beta=beta, keys=per_head.to(model.device))}),
+        "key_bias": lambda: model.edit_attention({1: LayerEdit(key_bias=torch.full((H,), 2.0), keys=keys.to(model.device))}),
     }
 
 

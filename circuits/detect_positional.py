@@ -116,10 +116,8 @@ def detect_previous_token(model, config: DetectorConfig) -> DetectorResult:
     summary = dict(seq_len=tokens.shape[1], n_prompts=len(tokens), bos=bos, corpus_repeated=repeated,
                    text="user prompts" if config.prompts_file else "embedded natural text",
                    definition=f"mean offset_mass[1] over queries i >= {first_query}")
-    result = DetectorResult("previous_token", df, summary)
-    if config.validate:
-        result.validation = validate_previous_token(model, config, df)
-    return result
+    validation = validate_previous_token(model, config, df) if config.validate else None
+    return DetectorResult("previous_token", df, summary, validation)
 
 
 def validate_previous_token(model, config: DetectorConfig, df):
@@ -235,11 +233,9 @@ def detect_induction(model, config: DetectorConfig) -> DetectorResult:
                    definition=f"mean offset_mass[{T - 1}] over the second copy of [BOS] r r",
                    olsson=dict(period=int(config.params.get("prefix_period", 25)),
                                repeats=int(config.params.get("prefix_repeats", 4))))
-    result = DetectorResult("induction", df, summary)
-    if config.validate:
-        result.validation = validate_repeat(model, config, "induction", df,
-                                            "zero ablation; random sets exclude the top heads")
-    return result
+    validation = validate_repeat(model, config, "induction", df,
+                                 "zero ablation; random sets exclude the top heads") if config.validate else None
+    return DetectorResult("induction", df, summary, validation)
 
 
 def detect_duplicate_token(model, config: DetectorConfig) -> DetectorResult:
@@ -247,14 +243,12 @@ def detect_duplicate_token(model, config: DetectorConfig) -> DetectorResult:
     df = head_scores("duplicate_token", score, {"tl_mul": tl_mul, "tl_abs": tl_abs})
     summary = dict(period=T, seq_len=2 * T + _bos(model, config), n_prompts=n, bos=_bos(model, config),
                    definition=f"mean offset_mass[{T}] over the second copy of [BOS] r r")
-    result = DetectorResult("duplicate_token", df, summary)
-    if config.validate:
-        result.validation = validate_repeat(
-            model, config, "duplicate_token", df,
-            "behaviour measured: predicting the repeated half, which needs the model to notice that "
-            "tokens repeat; duplicate-token heads are one way to notice it (not the only one), so a "
-            "weak ratio means other heads do that job here. Random sets exclude the top heads.")
-    return result
+    validation = validate_repeat(
+        model, config, "duplicate_token", df,
+        "behaviour measured: predicting the repeated half, which needs the model to notice that "
+        "tokens repeat; duplicate-token heads are one way to notice it (not the only one), so a "
+        "weak ratio means other heads do that job here. Random sets exclude the top heads.") if config.validate else None
+    return DetectorResult("duplicate_token", df, summary, validation)
 
 
 # Parameters each detector reads from `config.params` (misspelt ones are refused, not ignored).

@@ -134,10 +134,8 @@ def detect_sink(model, config: DetectorConfig) -> DetectorResult:
         alpha_raw, _, _ = sink_alpha(model, raw, config, threshold, min_q, desc="sink (no BOS)")
         summary["sink_ratio_no_bos"] = float((alpha_raw > eps).double().mean())
     df = head_scores("sink", alpha, {"extra_sinks": extra})
-    result = DetectorResult("sink", df, summary)
-    if config.validate:
-        result.validation = validate_sink(model, config, df, T, bos)
-    return result
+    validation = validate_sink(model, config, df, T, bos) if config.validate else None
+    return DetectorResult("sink", df, summary, validation)
 
 
 @contextmanager

@@ -7,6 +7,8 @@ equals |sum_pos <z_h, dL/dz_h>| per example. Gradients run through the exact tor
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
@@ -27,6 +29,21 @@ def _token_losses(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor | 
     return (nll * m).sum(1) / m.sum(1).clamp_min(1)
 
 
+@contextmanager
+def frozen_parameters(model: HeadscopeModel):
+    """The model's parameters get no gradients inside the block (gradient runs want d/d activations
+    only; weight gradients would cost a model's worth of memory); their flags come back on exit."""
+    params = list(model.hf.parameters())
+    was = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, w in zip(params, was):
+            p.requires_grad_(w)
+
+
 def head_importance(model: HeadscopeModel, texts, *, normalize: bool = True, pruned=()) -> torch.Tensor:
     """Importance [L, H] of every head on a text set (texts or tokenized batches).
 
@@ -39,11 +56,7 @@ def head_importance(model: HeadscopeModel, texts, *, normalize: bool = True, pru
         keep[model.meta.check_head(int(l), int(h))] = 0.0
     total = torch.zeros(L, H, dtype=torch.float64)
     n = 0
-    params = [p for p in model.hf.parameters()]
-    was = [p.requires_grad for p in params]
-    try:
-        for p in params:
-            p.requires_grad_(False)
+    with frozen_parameters(model):
         for batch in tqdm(as_batches(model, texts), desc="head importance", leave=False):
             ids, mask = batch["input_ids"], batch.get("attention_mask")
             gate = torch.ones(ids.shape[0], L, H, requires_grad=True)
@@ -57,9 +70,6 @@ def head_importance(model: HeadscopeModel, texts, *, normalize: bool = True, pru
                 _token_losses(logits, ids, mask).sum().backward()
             total += gate.grad.abs().double().sum(0)
             n += ids.shape[0]
-    finally:
-        for p, w in zip(params, was):
-            p.requires_grad_(w)
     imp = (total / max(n, 1)).float()
     if normalize:
         imp = imp / imp.norm(dim=1, keepdim=True).clamp_min(1e-20)

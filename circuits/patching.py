@@ -25,6 +25,8 @@ from tqdm.auto import tqdm
 from headscope.probe import HeadscopeModel, LayerEdit
 from headscope.probe.errors import InputError
 
+from .importance import frozen_parameters
+
 # metric_fn(logits [B, V] at the last position) -> scalar (mean over the B prompts)
 MetricFn = Callable[[torch.Tensor], torch.Tensor]
 # Cap on one patching batch's final-position logits and hidden states, to bound memory.
@@ -169,19 +171,12 @@ def attribution_patch_heads(model: HeadscopeModel, clean_ids: torch.Tensor, corr
         probe[layer] = torch.zeros_like(z, requires_grad=True)
         return z + probe[layer]
 
-    params = list(model.hf.parameters())
-    was = [q.requires_grad for q in params]
-    try:
-        for q in params:
-            q.requires_grad_(False)
-        with torch.enable_grad(), model.edit_attention({l: LayerEdit(z_fn=z_fn) for l in range(L)}):
-            metric = metric_fn(_last_logits(model, corrupt_ids, mask))
-            if metric.dim() != 0:
-                raise InputError(f"metric_fn must return a scalar, got shape {tuple(metric.shape)}.")
-            metric.backward()
-    finally:
-        for q, w in zip(params, was):
-            q.requires_grad_(w)
+    with frozen_parameters(model), torch.enable_grad(), \
+            model.edit_attention({l: LayerEdit(z_fn=z_fn) for l in range(L)}):
+        metric = metric_fn(_last_logits(model, corrupt_ids, mask))
+        if metric.dim() != 0:
+            raise InputError(f"metric_fn must return a scalar, got shape {tuple(metric.shape)}.")
+        metric.backward()
     effect = torch.empty(L, H)
     for l in range(L):
         diff = clean_z[l].to(corrupt_z[l].dtype) - corrupt_z[l]

@@ -166,20 +166,11 @@ class DetectorResult:
     summary: dict = field(default_factory=dict)
     validation: Validation | None = None
 
-    def __setattr__(self, name, value):
-        # Detectors often attach the validation after building the result: the per-head ablation
-        # column follows whichever of scores / validation is set last.
-        object.__setattr__(self, name, value)
-        if name in ("scores", "validation") and "scores" in self.__dict__ and "validation" in self.__dict__:
-            self._attach_ablation_delta()
-
-    def _attach_ablation_delta(self) -> None:
-        """DESIGN's per-head ablation column: the damage of each top head ablated alone
-        (`Validation.each_damage`, DetectorConfig.ablate_each); NaN for the heads not ablated alone."""
+    def __post_init__(self):
+        # DESIGN's per-head ablation column: the damage of each top head ablated alone
+        # (`Validation.each_damage`, DetectorConfig.ablate_each); NaN for the heads not ablated alone.
         each = self.validation.each_damage if self.validation is not None else None
-        if each is None:
-            return
-        damage = {(int(l), int(h)): float(x) for l, h, x in each}
-        df = self.scores.assign(ablation_delta=[damage.get((int(l), int(h)), float("nan"))
-                                                for l, h in zip(self.scores["layer"], self.scores["head"])])
-        object.__setattr__(self, "scores", df)
+        if each is not None:
+            damage = {(int(l), int(h)): float(x) for l, h, x in each}
+            self.scores = self.scores.assign(ablation_delta=[damage.get((int(l), int(h)), float("nan"))
+                                                             for l, h in zip(self.scores["layer"], self.scores["head"])])

@@ -38,6 +38,7 @@ from headscope.probe import HeadscopeModel, LayerEdit
 from headscope.probe.errors import InputError
 
 from .ablation import heads_by_layer
+from .scores import score_grid
 from .temporal import TemporalFact, answer_ids, phrase_positions, prompt_ids
 
 Head = tuple[int, int]
@@ -243,10 +244,8 @@ def head_grid(df: pd.DataFrame, n_layers: int, n_heads: int, column: str = "spec
         raise InputError(f"the sweep has no column {column!r}; it has {list(df.columns)}.")
     if agg not in AGGREGATES:
         raise InputError(f"agg must be one of {AGGREGATES}, got {agg!r}.")
-    grid = np.full((n_layers, n_heads), np.nan)
-    for (l, h), v in df.groupby(["layer", "head"])[column].agg(agg).items():
-        grid[l, h] = v
-    return grid
+    per_head = df.groupby(["layer", "head"])[column].agg(agg).astype(float).reset_index()
+    return score_grid(per_head, n_layers, n_heads, column)
 
 
 def sweep_heatmap(df: pd.DataFrame, n_layers: int, n_heads: int, column: str = "specific_change",

@@ -118,6 +118,13 @@ class _JumpReLU(torch.autograd.Function):
         return g * (pre > theta).to(g.dtype), (-g * theta * k).sum(0), None
 
 
+def _batch_topk(r: torch.Tensor, k: int) -> torch.Tensor:
+    """BatchTopK's training rule: of r [n, d_sae] (>= 0) keep the k * n largest entries of the batch."""
+    flat = r.flatten()
+    v, i = flat.topk(min(k * r.shape[0], flat.numel()))
+    return torch.zeros_like(flat).scatter(0, i, v).view_as(r)
+
+
 class SAE(nn.Module):
     """A sparse autoencoder; `forward(x [n, d_in])` -> dict(x_hat [n, d_in], f [n, d_sae], pre, ...)."""
 
@@ -163,9 +170,7 @@ class SAE(nn.Module):
         if a == "batchtopk":
             r = F.relu(pre)
             if self.training or self.threshold < 0:
-                flat = r.flatten()
-                v, i = flat.topk(min(self.cfg.k * r.shape[0], flat.numel()))
-                return torch.zeros_like(flat).scatter(0, i, v).view_as(r)
+                return _batch_topk(r, self.cfg.k)
             return r * (r > self.threshold)
         theta = self.log_threshold.exp()
         return _JumpReLU.apply(pre, theta, self.cfg.jumprelu_bandwidth)
@@ -249,9 +254,8 @@ class SAE(nn.Module):
         mins = []
         dev = self.W_enc.device
         for x in batches:
-            r = F.relu(self.pre_acts(x.to(dev, self.W_enc.dtype))).flatten()
-            kept = r.topk(min(self.cfg.k * x.shape[0], r.numel())).values
-            kept = kept[kept > 0]
+            f = _batch_topk(F.relu(self.pre_acts(x.to(dev, self.W_enc.dtype))), self.cfg.k)
+            kept = f[f > 0]
             if kept.numel():
                 mins.append(kept.min())
         if not mins:

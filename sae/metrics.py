@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from headscope.probe.edits import LayerEdit
+from headscope.probe.native import ContextHook
 
 from .activations import ActivationError, block_module, stream_activations
 
@@ -84,7 +85,7 @@ def _block_output_replaced(model, layer: int, fn):
         y = fn(x)
         return (y, *output[1:]) if isinstance(output, tuple) else y
 
-    handle = block_module(model, layer).register_forward_hook(hook)
+    handle = block_module(model, layer).register_forward_hook(ContextHook(hook))
     try:
         yield
     finally:

@@ -131,15 +131,26 @@ def test_batched_deltas_and_positions_match_single_runs(model):
 
 
 def test_value_means_are_the_source_values_without_bos(model):
+    """Reference: v_proj's output captured by a plain hook, kv head h // group, BOS left out."""
     heads = [(LAYER, 2), (LAYER + 1, 8)]
     means = value_means(model, SOURCE, heads)
     ids = torch.tensor([prompt_ids(model, SOURCE)], device=model.device)
-    vals = head_values(model, ids, heads)
     group = model.meta.n_heads // model.meta.n_kv_heads
-    _, rec = model.run_recorded(ids, qkv=[LAYER + 1], stop_after_layer=LAYER + 1)
-    torch.testing.assert_close(vals[(LAYER + 1, 8)][0], rec.v[0, 0, 8 // group].float())
-    for hd in heads:
-        torch.testing.assert_close(means[hd], vals[hd][0, 1:].mean(0))
+    D = model.meta.head_dim
+    seen = {}
+    hooks = [model.attention_modules[l].v_proj.register_forward_hook(
+        lambda m, a, out, l=l: seen.__setitem__(l, out.detach().float())) for l in (LAYER, LAYER + 1)]
+    try:
+        with torch.no_grad():
+            model.hf(input_ids=ids, use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    vals = head_values(model, ids, heads)
+    for l, h in heads:
+        v = seen[l][0, :, (h // group) * D:(h // group + 1) * D]
+        torch.testing.assert_close(vals[(l, h)][0], v)
+        torch.testing.assert_close(means[(l, h)], v[1:].mean(0))
 
 
 def test_sweep_rows_are_single_head_edits(model):
